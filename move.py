@@ -744,10 +744,16 @@ class Interrupt:
 
     def __init__(self):
         self.event = threading.Event()
+        self.previous = {}
 
     def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def uninstall(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, _frame):
         if self.event.is_set():
@@ -1241,8 +1247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup_logging(args.quiet, args.log_file)
         cfg = settings_from(args)
-        if threading.current_thread() is threading.main_thread():
-            interrupt.install()
+        interrupt.install()
         s3 = make_s3_client(cfg.max_attempts, cfg.retry_mode, pool=cfg.workers + 8)
         if args.verify:
             return verify(s3, cfg)
@@ -1266,6 +1271,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"move.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        interrupt.uninstall()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""Stacked fixtures: credentials, then buckets, then filled buckets; a real
+PostgreSQL (embedded pgserver, or TEST_DATABASE_URL) with a fresh database per
+test; moto in-process for unit tests and as a threaded HTTP server for runs of
+move.py as a subprocess.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import psycopg2
+import pytest
+from psycopg2 import sql
+from psycopg2.extensions import make_dsn, parse_dsn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import move  # noqa: E402
+
+SOURCE, DEST = "legacy-s3", "production-s3"
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24  # enough of a PNG for S3's purposes
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn():
+    """TEST_DATABASE_URL when set, else an embedded PostgreSQL for the session."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pgserver
+
+    # Short path: the unix socket path must stay under ~100 bytes.
+    datadir = tempfile.mkdtemp(prefix="pg", dir="/tmp")
+    server = pgserver.get_server(datadir, cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture
+def dsn(pg_server_dsn):
+    """A fresh, empty database for one test, dropped afterwards."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = psycopg2.connect(pg_server_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield make_dsn(pg_server_dsn, dbname=name)
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    admin.close()
+
+
+@pytest.fixture
+def db(dsn):
+    """A connection to the test database with the seeder's schema."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE avatars (id SERIAL PRIMARY KEY, path VARCHAR)")
+    yield conn
+    conn.close()
+
+
+def rows(conn, table="avatars", column="path") -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT {} FROM {} ORDER BY id").format(
+            sql.Identifier(column), sql.Identifier(table)))
+        return [r[0] for r in cur.fetchall()]
+
+
+def insert_rows(conn, paths, table="avatars", column="path") -> None:
+    with conn.cursor() as cur:
+        for p in paths:
+            cur.execute(sql.SQL("INSERT INTO {} ({}) VALUES (%s)").format(
+                sql.Identifier(table), sql.Identifier(column)), (p,))
+
+
+# ---------------------------------------------------------------- S3
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch):
+    """Fake credentials, and nothing from the machine's own AWS setup."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    for name in ("DB_CONN_STRING", "S3_SOURCE_BUCKET_NAME", "S3_DEST_BUCKET_NAME",
+                 "S3_OBJECT_SOURCE_PREFIX", "S3_OBJECT_DEST_PREFIX", "DB_TABLE",
+                 "DB_PATH_COLUMN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def s3(aws_credentials):
+    """In-process moto with both buckets."""
+    from moto import mock_aws
+
+    with mock_aws():
+        client = move.make_s3_client()
+        client.create_bucket(Bucket=SOURCE)
+        client.create_bucket(Bucket=DEST)
+        yield client
+
+
+def put(client, key, body=PNG, bucket=SOURCE, **extra):
+    client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
+
+
+def keys(client, bucket=DEST, prefix="") -> list[str]:
+    out = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out += [o["Key"] for o in page.get("Contents", ())]
+    return out
+
+
+@pytest.fixture
+def run(s3, dsn, monkeypatch, tmp_path):
+    """move.main() in-process against moto and the test database."""
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+    def _run(*args: str) -> int:
+        return move.main(["--db", dsn, "--quiet", *args])
+    return _run
+
+
+# ---------------------------------------------------------------- subprocess runs
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's threaded HTTP server on loopback, for move.py run as a subprocess."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def endpoint(moto_server, aws_credentials, monkeypatch):
+    """An empty moto server with both buckets; AWS_ENDPOINT_URL points at it."""
+    import requests
+
+    requests.post(f"{moto_server}/moto-api/reset", timeout=10)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    client = move.make_s3_client()
+    client.create_bucket(Bucket=SOURCE)
+    client.create_bucket(Bucket=DEST)
+    return moto_server
+
+
+@dataclass
+class Proc:
+    code: int
+    out: str
+    err: str
+
+
+def subprocess_env(dsn: str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DB_", "S3_OBJECT", "S3_SOURCE", "S3_DEST"))}
+    if dsn:
+        env["DB_CONN_STRING"] = dsn
+    env.update(extra)
+    return env
+
+
+def move_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "move.py"), *args]
+
+
+@pytest.fixture
+def cli(endpoint, dsn, tmp_path):
+    """Run move.py (or the seeder) as a user would: a subprocess, real HTTP, real DB."""
+
+    def _cli(*args: str, script: str = "move.py", env: dict | None = None,
+             timeout: float = 120) -> Proc:
+        p = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path,
+                           env=subprocess_env(dsn, **(env or {})), capture_output=True,
+                           text=True, timeout=timeout)
+        return Proc(p.returncode, p.stdout, p.stderr)
+    return _cli
+
+
+def dsn_password(dsn: str) -> str | None:
+    return parse_dsn(dsn).get("password")
