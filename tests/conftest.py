@@ -135,7 +135,8 @@ def run(s3, dsn, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no stray .env
 
     def _run(*args: str) -> int:
-        return move.main(["--db", dsn, "--quiet", *args])
+        # mock_aws patches botocore; the CRT engine would bypass it.
+        return move.main(["--db", dsn, "--quiet", "--engine", "boto3", *args])
     return _run
 
 
