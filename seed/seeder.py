@@ -10,7 +10,6 @@ matching rows in one transaction.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import struct
@@ -97,13 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(flag)
     p.add_argument("--env-file", default=".env")
     args = p.parse_args(argv)
-    for unused in ("dest_prefix", "manifest", "shard"):
-        setattr(args, unused, None)
     try:
-        defaults = dict(batch_size=1, max_attempts=10, retry_mode="standard", overwrite=False,
-                        dry_run=False, delete_source=False, create_index=False, report=None,
-                        multipart_threshold=1, multipart_chunksize=1, quiet=True)
-        cfg = move.settings_from(argparse.Namespace(**defaults, **vars(args)))
+        # move.py's own defaults, overridden by what the seeder was given.
+        ns = move.build_parser().parse_args([])
+        for name, value in vars(args).items():
+            setattr(ns, name, value)
+        cfg = move.settings_from(ns)
         fixed = None
         if args.avatar_file:
             with open(args.avatar_file, "rb") as f:
