@@ -960,7 +960,7 @@ def migrate(s3, db: Database | None, cfg: Settings, reporter: Reporter, stop: th
                     break
                 inflight += 1
                 executor.submit(copy_one, s3, copier, item, cfg).add_done_callback(
-                    lambda f: done_q.put(f.result()))
+                    lambda f: f.cancelled() or done_q.put(f.result()))
             elif item.kind == DONE:
                 batch.append(item)
             else:
@@ -1017,7 +1017,9 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event) -> int:
     finally:
         reporter.close()
         db.close()
-    print(summary(stats, cfg, run_id, db.plan_name, interrupted), flush=True)
+    text = summary(stats, cfg, run_id, db.plan_name, interrupted)
+    log.debug("summary:\n%s", text)  # the log file keeps it too
+    print(text, flush=True)
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if stats.failed or stats.conflicts else EXIT_OK
