@@ -17,5 +17,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 test: $(STAMP)
 	$(PY) -m pytest
 
+## make demo: create .venv, install, then a guided tour in a throwaway sandbox (.demo/)
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache
