@@ -26,8 +26,8 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
-from urllib.parse import unquote_plus
+from typing import Callable, Iterable, Iterator
+from urllib.parse import quote, unquote_plus, urlsplit
 
 import boto3
 import psycopg2
@@ -423,8 +423,6 @@ class CrtCopier:
         from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
         from awscrt.s3 import S3Client, S3RequestTlsMode, S3RetryConfig
 
-        from urllib.parse import urlsplit
-
         credentials = s3._request_signer._credentials
         if credentials is None:
             raise NoCredentialsError()
@@ -438,6 +436,7 @@ class CrtCopier:
         # Custom endpoints (MinIO, SeaweedFS, moto) take path-style requests.
         self.virtual_hosted = url.hostname.endswith("amazonaws.com")
         self.scheme, self.netloc = url.scheme, url.netloc
+        self.pending: dict[object, object] = {}
         elg = EventLoopGroup(2)
         self.client = S3Client(
             bootstrap=ClientBootstrap(elg, DefaultHostResolver(elg)), region=self.region,
@@ -446,10 +445,11 @@ class CrtCopier:
             max_active_connections_override=connections,
             retry_config=S3RetryConfig(max_retries=max(max_attempts - 1, 1)))
 
-    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> str | None:
+    def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
+              done: Callable[[str | None, str | None], None]) -> None:
+        """Send one CopyObject without blocking; done(etag, error) runs on a CRT thread."""
         from awscrt.http import HttpHeaders, HttpRequest
-        from awscrt.s3 import S3RequestType, S3ResponseError
-        from urllib.parse import quote
+        from awscrt.s3 import S3RequestType
 
         if self.virtual_hosted and "." not in dst_bucket:
             host, path = f"{dst_bucket}.{self.netloc}", "/" + quote(dst_key, safe="/~")
@@ -458,23 +458,45 @@ class CrtCopier:
         headers = HttpHeaders([("Host", host), ("Content-Length", "0"),
                                ("x-amz-copy-source", quote(f"{src_bucket}/{src_key}", safe="/~"))])
         body: list[bytes] = []
+        token = object()
+
+        def on_done(error=None, error_body=None, status_code=None, **_):
+            self.pending.pop(token, None)
+            if error is None:
+                etag = re.search(rb"<ETag>(?:&quot;|\")?([^<&\"]*)", b"".join(body))
+                done(etag.group(1).decode() if etag else None, None)
+                return
+            code = re.search(rb"<Code>([^<]*)</Code>", error_body or b"")
+            message = re.search(rb"<Message>([^<]*)</Message>", error_body or b"")
+            done(None, f"{code.group(1).decode() if code else status_code or error.name}: "
+                       f"{message.group(1).decode() if message else error.message}")
+
         REQUESTS["s3"] += 1
-        request = self.client.make_request(
+        # Held until done: the request must outlive this call.
+        self.pending[token] = self.client.make_request(
             type=S3RequestType.DEFAULT, operation_name="CopyObject",
             request=HttpRequest("PUT", path, headers),
-            on_body=lambda chunk, **_: body.append(chunk))
-        try:
-            request.finished_future.result()
-        except S3ResponseError as exc:
-            code = re.search(rb"<Code>([^<]*)</Code>", exc.body or b"")
-            message = re.search(rb"<Message>([^<]*)</Message>", exc.body or b"")
-            raise CopyError(f"{code.group(1).decode() if code else exc.status_code}: "
-                            f"{message.group(1).decode() if message else exc.name}") from None
-        except Exception as exc:  # connection-level errors after retries
-            raise CopyError(f"{getattr(exc, 'name', type(exc).__name__)}: "
-                            f"{getattr(exc, 'message', exc)}") from None
-        etag = re.search(rb"<ETag>(?:&quot;|\")?([^<&\"]*)", b"".join(body))
-        return etag.group(1).decode() if etag else None
+            on_body=lambda chunk, **_: body.append(chunk), on_done=on_done)
+
+    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> str | None:
+        result: queue.Queue = queue.Queue()
+        self.start(src_bucket, src_key, dst_bucket, dst_key, lambda *r: result.put(r))
+        etag, error = result.get()
+        if error:
+            raise CopyError(error)
+        return etag
+
+
+def copy_async(copier: CrtCopier, item: Item, cfg: Settings, done: Callable[[Item], None]) -> None:
+    """The CRT's way of copy_one: no worker thread waits; done(item) gets the outcome."""
+    def finished(etag: str | None, error: str | None) -> None:
+        if error:
+            item.action, item.error = "failed", error
+        else:
+            item.action = "copied"
+            item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag))
+        done(item)
+    copier.start(cfg.source_bucket, item.src.key, cfg.dest_bucket, item.dest_key, finished)
 
 
 def make_copier(s3, cfg: Settings):
@@ -959,8 +981,12 @@ def migrate(s3, db: Database | None, cfg: Settings, reporter: Reporter, stop: th
                 if stop.is_set():
                     break
                 inflight += 1
-                executor.submit(copy_one, s3, copier, item, cfg).add_done_callback(
-                    lambda f: f.cancelled() or done_q.put(f.result()))
+                if (item.kind == COPY and isinstance(copier, CrtCopier)
+                        and (item.src.size or 0) <= cfg.multipart_threshold):
+                    copy_async(copier, item, cfg, done_q.put)
+                else:
+                    executor.submit(copy_one, s3, copier, item, cfg).add_done_callback(
+                        lambda f: f.cancelled() or done_q.put(f.result()))
             elif item.kind == DONE:
                 batch.append(item)
             else:
