@@ -1,0 +1,212 @@
+"""A small failing HTTP proxy for S3 fault injection in tests.
+
+A ThreadingHTTPServer on 127.0.0.1 (port 0) in front of an S3 endpoint (the
+moto server). For a seeded random share of requests it answers 503 SlowDown or
+500 InternalError with an S3 XML error body, or drops the connection without
+answering (before forwarding, or after forwarding so the request took effect
+and only the answer is lost). Everything else is forwarded as is: method,
+path, query, headers and body.
+
+    with FaultProxy(upstream, rate=0.1, seed=7) as proxy:
+        env["AWS_ENDPOINT_URL"] = proxy.url
+        ...
+    assert proxy.injected() > 0
+
+Also, for targeted faults: `fail_copy_keys` makes every CopyObject to those
+destination keys fail (503 SlowDown), and `stall_copies` (an Event) holds
+CopyObject requests until `release` is set, then forwards them.
+"""
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import threading
+import uuid
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+SLOWDOWN = "slowdown"          # 503 SlowDown
+INTERNAL = "internal"          # 500 InternalError
+DROP_BEFORE = "drop-before"    # connection closed, request never reached S3
+DROP_AFTER = "drop-after"      # request reached S3, the answer is lost
+MODES = (SLOWDOWN, INTERNAL, DROP_BEFORE, DROP_AFTER)
+
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+              "trailer", "transfer-encoding", "upgrade", "expect", "content-length"}
+
+ERRORS = {
+    SLOWDOWN: (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    INTERNAL: (500, "Internal Server Error", "InternalError",
+               "We encountered an internal error. Please try again."),
+}
+
+
+def error_body(code: str, message: str, resource: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            f"<Message>{message}</Message><Resource>{resource}</Resource>"
+            f"<RequestId>{uuid.uuid4().hex[:16].upper()}</RequestId></Error>").encode()
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, rate: float = 0.1, seed: int = 0,
+                 modes: tuple[str, ...] = MODES, fail_copy_keys: tuple[str, ...] = (),
+                 latency: float = 0.0):
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.rate, self.modes, self.latency = rate, modes, latency
+        self.fail_copy_keys = set(fail_copy_keys)
+        self.random = random.Random(seed)
+        self.lock = threading.Lock()
+        self.counts: Counter = Counter()       # fault mode -> times injected
+        self.by_operation: Counter = Counter()  # (operation, mode) -> times injected
+        self.requests = 0
+        self.stall_copies = threading.Event()
+        self.release = threading.Event()
+        self.stalled = 0
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="faultproxy",
+                                       daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def injected(self) -> int:
+        with self.lock:
+            return sum(self.counts.values())
+
+    def start(self) -> "FaultProxy":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------
+    def _decide(self, operation: str, bucket_key: str) -> str | None:
+        with self.lock:
+            self.requests += 1
+            if operation == "CopyObject" and bucket_key.split("/", 1)[-1] in self.fail_copy_keys:
+                mode = SLOWDOWN
+            elif self.rate and self.random.random() < self.rate:
+                mode = self.random.choice(self.modes)
+            else:
+                return None
+            self.counts[mode] += 1
+            self.by_operation[operation, mode] += 1
+            return mode
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _operation(self) -> tuple[str, str]:
+                path = unquote(urlsplit(self.path).path).lstrip("/")
+                query = urlsplit(self.path).query
+                if self.command == "PUT" and "x-amz-copy-source" in self.headers:
+                    return "CopyObject", path
+                if self.command == "GET" and "/" not in path.rstrip("/"):
+                    return ("ListObjects" if "list-type" in query or not query else "GetBucket"), path
+                return f"{self.command}", path
+
+            def _drop(self) -> None:
+                self.close_connection = True
+                try:
+                    # RST rather than FIN: the client sees the connection reset
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+            def _forward(self, body: bytes):
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
+                try:
+                    headers = {k: v for k, v in self.headers.items()
+                               if k.lower() not in HOP_BY_HOP}
+                    if body or self.command in ("PUT", "POST"):
+                        headers["Content-Length"] = str(len(body))
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    return resp.status, resp.reason, resp.getheaders(), data
+                finally:
+                    conn.close()
+
+            def _handle(self):
+                body = self._body()
+                operation, bucket_key = self._operation()
+                mode = proxy._decide(operation, bucket_key)
+                if operation == "CopyObject" and proxy.stall_copies.is_set():
+                    with proxy.lock:
+                        proxy.stalled += 1
+                    proxy.release.wait(120)
+                if proxy.latency:
+                    threading.Event().wait(proxy.latency)
+                if mode == DROP_BEFORE:
+                    return self._drop()
+                if mode in ERRORS:
+                    status, reason, code, message = ERRORS[mode]
+                    data = error_body(code, message, "/" + bucket_key)
+                    self.send_response_only(status, reason)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                    return
+                try:
+                    status, reason, headers, data = self._forward(body)
+                except OSError:
+                    return self._drop()
+                if mode == DROP_AFTER:
+                    return self._drop()
+                self.send_response_only(status, reason)
+                length = None
+                for name, value in headers:
+                    if name.lower() == "content-length":
+                        length = value
+                    elif name.lower() not in HOP_BY_HOP:
+                        self.send_header(name, value)
+                if self.command == "HEAD":
+                    self.send_header("Content-Length", length or "0")
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD" and data:
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        return Handler

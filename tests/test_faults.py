@@ -1,0 +1,523 @@
+"""Fault injection: each fault is injected for real and the migration survives it.
+
+The rule checked after every fault: a row only ever points at an object that
+exists (rows under avatar/ have their copy, rows still under image/ have their
+source), every source object is still there, no row is lost or duplicated,
+and a rerun finishes the job.
+
+  1. S3 throttling / 5xx / dropped connections: tests/faultproxy.py in front of
+     the moto server.
+  2. PostgreSQL restarted (pg_ctl restart -m fast) mid-run: a dedicated
+     embedded server.
+  3. kill -9 early, in the middle, late, and several times in a row.
+  4. SIGINT / SIGTERM, a second SIGINT, in-flight copies abandoned.
+  5. Hostile key names (hypothesis).
+  6. Secrets (DB password, AWS secret key) never reach output, log or report.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg2
+import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+from psycopg2.extensions import make_dsn
+
+from conftest import DEST, PNG, SOURCE, ROOT, insert_rows, keys, move_cmd, put, rows, subprocess_env
+from faultproxy import DROP_AFTER, DROP_BEFORE, INTERNAL, SLOWDOWN, FaultProxy
+
+import move
+
+# --------------------------------------------------------------------------- helpers
+
+
+def backend():
+    """The moto S3 backend behind the threaded server (same process as pytest)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    return s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
+
+def body_of(key: str) -> bytes:
+    return PNG + key.encode("utf-8")
+
+
+def seed(conn, n: int, name: str = "u") -> list[str]:
+    """n source objects (straight into moto, no HTTP) and one row for each."""
+    be = backend()
+    keys_ = [f"image/{name}{i:05d}.png" for i in range(n)]
+    for k in keys_:
+        be.put_object(SOURCE, k, body_of(k))
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO avatars (path) SELECT unnest(%s::text[])", (keys_,))
+    return keys_
+
+
+def dest_count() -> int:
+    return len(backend().get_bucket(DEST).keys)
+
+
+def listing(client, bucket: str) -> dict[str, str]:
+    """key -> ETag, as S3 lists it (over HTTP, through the real API)."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        out.update({o["Key"]: o["ETag"] for o in page.get("Contents", ())})
+    return out
+
+
+def check_invariant(conn, client, source_keys: list[str]) -> tuple[int, int]:
+    """The rule that must never break. Returns (rows rewritten, objects in the destination)."""
+    src, dst = listing(client, SOURCE), listing(client, DEST)
+    paths = rows(conn)
+    missing_sources = sorted(set(source_keys) - set(src))
+    assert not missing_sources, f"source objects lost: {missing_sources[:5]}"
+    dangling = []
+    for p in paths:
+        if p.startswith("avatar/"):
+            if p not in dst or dst[p] != src.get("image/" + p[len("avatar/"):]):
+                dangling.append(p)
+        elif p.startswith("image/"):
+            if p not in src:
+                dangling.append(p)
+        else:
+            dangling.append(p)
+    assert not dangling, f"{len(dangling)} row(s) point at a missing object: {dangling[:5]}"
+    # no row lost, duplicated or pointed at another object
+    rel = sorted(p.split("/", 1)[1] for p in paths)
+    assert rel == sorted(k.split("/", 1)[1] for k in source_keys)
+    for k, etag in dst.items():  # whatever landed is a faithful copy
+        assert etag == src["image/" + k[len("avatar/"):]], k
+    return sum(p.startswith("avatar/") for p in paths), len(dst)
+
+
+def assert_all_done(conn, client, source_keys: list[str]) -> None:
+    rewritten, copies = check_invariant(conn, client, source_keys)
+    assert rewritten == len(source_keys) and copies == len(source_keys)
+
+
+def stat(out: str, label: str) -> int:
+    m = re.search(rf"^\s+{re.escape(label)}\s+(\d+)\s*$", out, re.M)
+    assert m, f"no {label!r} in summary:\n{out}"
+    return int(m.group(1))
+
+
+class Bg:
+    """move.py as a background subprocess, output to files (no pipe to fill)."""
+
+    def __init__(self, tmp_path: Path, dsn: str, *args: str, env: dict | None = None):
+        n = len(list(tmp_path.glob("out*.txt")))
+        self.out_path, self.err_path = tmp_path / f"out{n}.txt", tmp_path / f"err{n}.txt"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(move_cmd(*args), cwd=tmp_path, stdout=out, stderr=err,
+                                         env=subprocess_env(dsn, **(env or {})))
+
+    def wait_until(self, cond, timeout: float = 60, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if self.proc.poll() is not None:
+                pytest.fail(f"move.py ended (exit {self.proc.returncode}) before {what}:\n"
+                            f"{self.out}\n{self.err}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}")
+            time.sleep(0.02)
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"move.py still running after {timeout}s:\n{self.out}\n{self.err}")
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+
+def settle(count=dest_count, quiet: float = 0.3, timeout: float = 10) -> int:
+    """Wait until a counter stops moving (copies S3 had accepted finish landing)."""
+    last, since = count(), time.monotonic()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+@pytest.fixture
+def client(endpoint):
+    """A plain client straight at moto (not through any proxy)."""
+    return move.make_s3_client()
+
+
+# --------------------------------------------------------------------------- 1. S3 faults
+
+
+ENGINES = pytest.mark.parametrize("engine", ["auto", "boto3"], ids=["crt", "boto3"])
+
+
+@ENGINES
+def test_s3_throttling_5xx_and_dropped_connections_are_retried(engine, cli, db, endpoint, client):
+    source_keys = seed(db, 300)
+    with FaultProxy(endpoint, rate=0.10, seed=20240601) as proxy:
+        p = cli("--workers", "8", "--engine", engine, env={"AWS_ENDPOINT_URL": proxy.url},
+                timeout=180)
+    assert p.code == 0, p.out + p.err
+    assert stat(p.out, "copied") == 300 and stat(p.out, "failed") == 0
+    assert stat(p.out, "rows rewritten") == 300
+    assert_all_done(db, client, source_keys)
+    # the faults really happened, of every kind, and hit the copies themselves
+    assert proxy.injected() > 0
+    assert all(proxy.counts[m] > 0 for m in (SLOWDOWN, INTERNAL, DROP_BEFORE, DROP_AFTER)), \
+        proxy.counts
+    assert sum(n for (op, _), n in proxy.by_operation.items() if op == "CopyObject") > 0
+    print(f"\n{engine}: S3 faults injected: {dict(proxy.counts)} over {proxy.requests} requests; "
+          f"by operation: {dict(proxy.by_operation)}")
+
+
+@ENGINES
+def test_s3_one_key_always_failing_is_reported_and_rerun_finishes(engine, cli, db, endpoint,
+                                                                    client):
+    source_keys = seed(db, 20)
+    bad = "avatar/u00007.png"
+    with FaultProxy(endpoint, rate=0, fail_copy_keys=(bad,)) as proxy:
+        p = cli("--workers", "4", "--max-attempts", "3", "--engine", engine,
+                env={"AWS_ENDPOINT_URL": proxy.url})
+    assert p.code == 1, p.out + p.err
+    assert proxy.by_operation["CopyObject", SLOWDOWN] == 3  # every attempt refused
+    assert stat(p.out, "failed") == 1 and stat(p.out, "copied") == 19
+    assert re.search(r"ERROR failed: image/u00007.png -> avatar/u00007.png: .*slow.?down",
+                     p.err, re.I), p.err
+    paths = rows(db)
+    assert paths[7] == "image/u00007.png"
+    assert all(x.startswith("avatar/") for i, x in enumerate(paths) if i != 7)
+    assert bad not in keys(client, DEST)
+    check_invariant(db, client, source_keys)
+
+    again = cli()  # healthy endpoint
+    assert again.code == 0, again.out + again.err
+    assert stat(again.out, "copied") == 1 and stat(again.out, "skipped (done)") == 19
+    assert_all_done(db, client, source_keys)
+
+
+# --------------------------------------------------------------------------- 2. PostgreSQL restart
+
+
+@pytest.fixture
+def own_pg():
+    """A dedicated embedded PostgreSQL, free to be restarted."""
+    import pgserver
+
+    datadir = Path(tempfile.mkdtemp(prefix="pgr", dir="/tmp"))  # short: socket path limit
+    server = pgserver.get_server(datadir, cleanup_mode="delete")
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def postmaster_pid(datadir: Path) -> list[str]:
+    """postmaster.pid: pid, datadir, start time, port, socket dir, listen address, ..."""
+    return (datadir / "postmaster.pid").read_text().splitlines()
+
+
+def restart_pg(server) -> None:
+    from pgserver._commands import pg_ctl
+    pg_ctl(["-w", "-t", "60", "-m", "fast", "-l", str(server.log), "restart"],
+           pgdata=server.pgdata, user=server.system_user, timeout=90)
+
+
+def test_postgres_restart_mid_run(own_pg, endpoint, client, tmp_path):
+    dsn = own_pg.get_uri()
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE avatars (id SERIAL PRIMARY KEY, path VARCHAR)")
+    source_keys = seed(conn, 2000)
+    conn.close()
+    before = postmaster_pid(own_pg.pgdata)
+
+    def rewritten() -> int:
+        c = psycopg2.connect(dsn, connect_timeout=2)
+        try:
+            with c, c.cursor() as cur:
+                cur.execute("SELECT count(*) FROM avatars WHERE path LIKE 'avatar/%'")
+                return cur.fetchone()[0]
+        finally:
+            c.close()
+
+    # a little latency per S3 request keeps the run long enough to be cut mid-way
+    with FaultProxy(endpoint, rate=0, latency=0.004) as proxy:
+        run = Bg(tmp_path, dsn, "--batch-size", "50", "--workers", "4",
+                 env={"AWS_ENDPOINT_URL": proxy.url})
+        run.wait_until(lambda: rewritten() >= 100, what="some rows rewritten")
+        restart_pg(own_pg)
+        at_restart = rewritten()
+        assert run.proc.poll() is None, "the run ended before the restart"
+        code = run.wait()
+    after = postmaster_pid(own_pg.pgdata)
+    assert after[0] != before[0], "the server did not restart"
+    assert after[3:5] == before[3:5], "the server came back on another port/socket"
+    assert at_restart < 2000
+    assert code == 0, run.out + run.err
+    assert "database connection lost" in run.err  # the run really lived through it
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        assert_all_done(conn, client, source_keys)
+    finally:
+        conn.close()
+    print(f"\nPostgreSQL restarted with {at_restart}/2000 rows rewritten; "
+          f"reconnects: {run.err.count('database connection lost')}")
+
+
+# --------------------------------------------------------------------------- 3. kill -9
+
+
+N_KILL = 1500
+
+
+@pytest.mark.parametrize("at", [0.05, 0.40, 0.80], ids=["early", "middle", "late"])
+def test_kill_9_then_rerun(at, db, dsn, endpoint, client, tmp_path):
+    source_keys = seed(db, N_KILL)
+    run = Bg(tmp_path, dsn, "--workers", "8", "--batch-size", "100")
+    run.wait_until(lambda: dest_count() >= at * N_KILL, what=f"{at:.0%} copied")
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.proc.wait(10) == -signal.SIGKILL
+    present = settle()
+    rewritten, copies = check_invariant(db, client, source_keys)
+    assert copies < N_KILL, "the run finished before the kill"
+
+    again = Bg(tmp_path, dsn, "--workers", "8")
+    assert again.wait() == 0, again.out + again.err
+    assert_all_done(db, client, source_keys)
+    # the rerun re-copied only what was not done
+    assert stat(again.out, "copied") == N_KILL - present < N_KILL
+    assert stat(again.out, "skipped (done)") + stat(again.out, "rows only") == present
+    assert stat(again.out, "rows rewritten") == N_KILL - rewritten
+    print(f"\nkill -9 at {present}/{N_KILL} copied, {rewritten} rows rewritten; "
+          f"rerun copied {N_KILL - present}")
+
+
+def test_several_kills_in_a_row(db, dsn, endpoint, client, tmp_path):
+    source_keys = seed(db, N_KILL)
+    seen = []
+    for at in (0.10, 0.30, 0.55, 0.85):
+        run = Bg(tmp_path, dsn, "--workers", "8", "--batch-size", "100")
+        run.wait_until(lambda: dest_count() >= at * N_KILL, what=f"{at:.0%} copied")
+        run.proc.kill()
+        run.proc.wait(10)
+        settle()
+        seen.append(check_invariant(db, client, source_keys))
+        assert seen[-1][1] < N_KILL
+    final = Bg(tmp_path, dsn, "--workers", "8")
+    assert final.wait() == 0, final.out + final.err
+    assert_all_done(db, client, source_keys)
+    assert stat(final.out, "copied") == N_KILL - seen[-1][1]
+    print(f"\nkills at (rows rewritten, copies): {seen}")
+
+
+# --------------------------------------------------------------------------- 4. SIGINT / SIGTERM
+
+N_SIG = 3000
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_cleanly_then_rerun(sig, db, dsn, endpoint, client, tmp_path):
+    source_keys = seed(db, N_SIG)
+    run = Bg(tmp_path, dsn, "--workers", "4")
+    run.wait_until(lambda: dest_count() >= 300, what="copies under way")
+    sent = time.monotonic()
+    run.proc.send_signal(sig)
+    code = run.wait(15)
+    took = time.monotonic() - sent
+    assert code == 130, run.out + run.err
+    assert took < 10
+    assert "interrupted" in run.out and "listed PNGs" in run.out
+    settle()
+    rewritten, copies = check_invariant(db, client, source_keys)
+    assert copies < N_SIG, "the run finished before the signal"
+    # what was copied before the signal got its rows written on the way out
+    assert stat(run.out, "rows rewritten") == rewritten
+
+    again = Bg(tmp_path, dsn, "--workers", "8")
+    assert again.wait() == 0, again.out + again.err
+    assert_all_done(db, client, source_keys)
+    assert stat(again.out, "copied") == N_SIG - copies
+    print(f"\n{sig.name}: exit 130 after {took:.2f}s with {copies} copied, "
+          f"{rewritten} rows rewritten")
+
+
+def test_second_sigint_exits_at_once(db, dsn, endpoint, client, tmp_path):
+    source_keys = seed(db, N_SIG)
+    with FaultProxy(endpoint, rate=0) as proxy:
+        run = Bg(tmp_path, dsn, "--workers", "4", env={"AWS_ENDPOINT_URL": proxy.url})
+        run.wait_until(lambda: dest_count() >= 300, what="copies under way")
+        proxy.stall_copies.set()  # copies in flight now hang: the first Ctrl-C waits for them
+        run.wait_until(lambda: proxy.stalled >= 4, what="copies stalled")
+        run.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert run.proc.poll() is None, "the first SIGINT should wait for copies in flight"
+        sent = time.monotonic()
+        run.proc.send_signal(signal.SIGINT)
+        code = run.wait(10)
+        took = time.monotonic() - sent
+        assert code == 130 and took < 1.5, (code, took, run.err)
+        assert "interrupted again, exiting now" in run.err
+        proxy.release.set()  # the abandoned copies now land, without their rows
+        settle()
+    check_invariant(db, client, source_keys)
+    again = Bg(tmp_path, dsn, "--workers", "8")
+    assert again.wait() == 0, again.out + again.err
+    assert_all_done(db, client, source_keys)
+    print(f"\nsecond SIGINT: exit 130 after {took:.2f}s")
+
+
+def test_sigterm_abandons_stuck_copies_after_5s(db, dsn, endpoint, client, tmp_path):
+    source_keys = seed(db, 1000)
+    with FaultProxy(endpoint, rate=0) as proxy:
+        run = Bg(tmp_path, dsn, "--workers", "4", env={"AWS_ENDPOINT_URL": proxy.url})
+        run.wait_until(lambda: dest_count() >= 100, what="copies under way")
+        proxy.stall_copies.set()
+        run.wait_until(lambda: proxy.stalled >= 4, what="copies stalled")
+        sent = time.monotonic()
+        run.proc.send_signal(signal.SIGTERM)
+        code = run.wait(15)
+        took = time.monotonic() - sent
+        assert code == 130, run.out + run.err
+        assert 4 <= took < 10
+        assert "interrupted" in run.out and "abandoned" in run.err
+        check_invariant(db, client, source_keys)
+        before = dest_count()
+        proxy.release.set()  # the abandoned copies complete after the process is gone
+        after = settle()
+    assert after > before  # objects without a row rewrite: allowed
+    check_invariant(db, client, source_keys)
+    again = Bg(tmp_path, dsn, "--workers", "8")
+    assert again.wait() == 0, again.out + again.err
+    assert_all_done(db, client, source_keys)
+    assert stat(again.out, "rows only") >= after - before
+
+
+# --------------------------------------------------------------------------- 5. hostile keys
+
+SPECIALS = [" ", "  ", "+", "%", "%2F", "%20", "%%", "//", "=", "?", "#", "&", "~", ";", ",",
+            "..", "./", "@", "!", "*", "'", '"', "(", ")", "[", "]", "{", "}", "$", "\\", "^",
+            "é", "e\u0301", "ü", "日本語", "😀", "\u200b", "ß", "Ω", "\u00a0", "\u202e", "ﬁ"]
+PNG_EXT = st.sampled_from([".png", ".PNG", ".Png"])
+LIMIT = 1024  # S3's key limit, in UTF-8 bytes
+
+
+def _fit(char: str, ext: str, head: str) -> str:
+    """A rest whose destination key avatar/<rest> is exactly at S3's limit or just under."""
+    room = LIMIT - len(("avatar/" + head + ext).encode())
+    return head + char * (room // len(char.encode())) + ext
+
+
+piece = st.one_of(st.sampled_from(SPECIALS),
+                  st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1,
+                          max_size=6))
+rest_short = st.builds(lambda parts, ext: "".join(parts) + ext,
+                       st.lists(piece, min_size=1, max_size=8), PNG_EXT)
+rest_long = st.builds(_fit, st.sampled_from(["a", "é", "日", "😀", "%", "/", " "]), PNG_EXT,
+                      st.sampled_from(["", "x/", "a b+c/", "%2F/"]))
+rests = st.lists(st.one_of(rest_short, rest_long), min_size=1, max_size=6,
+                 unique=True).filter(
+    lambda rs: all(len(("avatar/" + r).encode()) <= LIMIT for r in rs))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@example(["a b+c=d?e#f%20g.png", "x//y.PNG", "日本/😀 %.png",
+          "z" * (LIMIT - len("avatar/") - 4) + ".png"])
+@given(rest_list=rests)
+def test_hostile_keys(rest_list, run, s3, db):
+    for bucket in (SOURCE, DEST):  # fresh state for each example
+        for k in keys(s3, bucket):
+            s3.delete_object(Bucket=bucket, Key=k)
+    with db.cursor() as cur:
+        cur.execute("TRUNCATE avatars")
+    for r in rest_list:
+        put(s3, "image/" + r, body=body_of(r))
+    put(s3, "image/" + rest_list[0] + ".txt")  # not a PNG: left alone
+    insert_rows(db, ["image/" + r for r in rest_list])
+
+    assert run() == 0
+    for r in rest_list:
+        got = s3.get_object(Bucket=DEST, Key="avatar/" + r)["Body"].read()
+        assert got == body_of(r), r
+    assert sorted(keys(s3, DEST)) == sorted("avatar/" + r for r in rest_list)
+    assert rows(db) == ["avatar/" + r for r in rest_list]
+    assert len(keys(s3, SOURCE)) == len(rest_list) + 1  # sources kept
+
+
+# --------------------------------------------------------------------------- 6. secrets
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def outputs(p, tmp_path: Path) -> str:
+    text = p.out + p.err
+    for name in ("move.log", "report.csv"):
+        f = tmp_path / name
+        if f.exists():
+            text += f.read_text(encoding="utf-8")
+    return text
+
+
+PASSWORDS = ["Sup3r-Secr3t-pw", "p@ss:w/rd#1?=&x", "with space 'and' quotes"]
+
+
+@pytest.mark.parametrize("form", ["url", "keywords"])
+@pytest.mark.parametrize("password", PASSWORDS, ids=["plain", "special", "spaces"])
+def test_db_password_never_shown(form, password, cli, db, endpoint, tmp_path):
+    port = free_port()
+    if form == "url":
+        bad = f"postgresql://mover:{quote(password, safe='')}@127.0.0.1:{port}/avatars"
+    else:
+        bad = make_dsn(host="127.0.0.1", port=port, user="mover", password=password,
+                       dbname="avatars")
+    p = cli("--log-file", "move.log", "--report", "report.csv", env={"DB_CONN_STRING": bad})
+    assert p.code == 2, p.out + p.err
+    assert "cannot connect to the database" in p.err
+    text = outputs(p, tmp_path)
+    for secret in {password, quote(password, safe=""), quote(password)}:
+        assert secret not in text, f"password leaked:\n{text}"
+
+
+def test_aws_secret_and_db_password_never_shown(cli, db, dsn, endpoint, tmp_path):
+    """A full run, with failures logged, while both secrets are set."""
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzSECRETKEY"
+    password = "Db-Passw0rd-Hunter2"
+    seed(db, 30)
+    with FaultProxy(endpoint, rate=0.1, seed=3, fail_copy_keys=("avatar/u00003.png",)) as proxy:
+        p = cli("--log-file", "move.log", "--report", "report.csv", "--max-attempts", "3",
+                env={"AWS_ENDPOINT_URL": proxy.url, "AWS_SECRET_ACCESS_KEY": secret,
+                     "DB_CONN_STRING": make_dsn(dsn, password=password)})
+    assert p.code == 1, p.out + p.err
+    assert "u00003" in (tmp_path / "move.log").read_text()
+    assert len((tmp_path / "report.csv").read_text().splitlines()) == 31
+    text = outputs(p, tmp_path)
+    assert secret not in text and password not in text
+    assert secret[:16] not in text and secret[-16:] not in text
