@@ -156,29 +156,54 @@ class Listing:
     """Pages of one prefix, in order, checking the order S3 promises.
 
     The merge in plan() relies on UTF-8 binary order (S3's documented order,
-    and code point order of Python str). A server that lists otherwise is
-    detected here, and the planner then stops trusting "absent" answers.
+    and code point order of Python str). A server that lists otherwise (a
+    file-system-backed one may list a folder before its sibling files) is
+    detected here, ahead of planning, and the planner then stops trusting
+    "absent" answers and checks each destination with a HEAD instead.
     """
 
-    def __init__(self, s3, bucket: str, prefix: str, page_size: int = 1000):
+    def __init__(self, s3, bucket: str, prefix: str, page_size: int = 1000, crt=None):
         self.s3, self.bucket, self.prefix, self.page_size = s3, bucket, prefix, page_size
+        self.crt = crt
         self.ordered = True
-        self.pages = 0
+        self.pages_read = 0
 
-    def __iter__(self) -> Iterator[Obj]:
+    def _raw_pages(self) -> Iterator[list[Obj]]:
+        if self.crt is not None:
+            token = None
+            while True:
+                objs, token = self.crt.list_page(self.bucket, self.prefix, token, self.page_size)
+                yield objs
+                if not token:
+                    return
         paginator = self.s3.get_paginator("list_objects_v2")
-        last = None
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix,
                                        PaginationConfig={"PageSize": self.page_size}):
-            self.pages += 1
-            for o in page.get("Contents", ()):
-                key = o["Key"]
-                if last is not None and key <= last and self.ordered:
+            yield [Obj(o["Key"], o.get("Size"), (o.get("ETag") or "").strip('"') or None)
+                   for o in page.get("Contents", ())]
+
+    def pages(self) -> Iterator[list[Obj]]:
+        last = None
+        for page in self._raw_pages():
+            self.pages_read += 1
+            for o in page:
+                if last is not None and o.key <= last and self.ordered:
                     self.ordered = False
                     log.warning("s3://%s lists keys out of binary order (%r after %r): "
-                                "checking each destination before copying", self.bucket, key, last)
-                last = key
-                yield Obj(key, o.get("Size"), (o.get("ETag") or "").strip('"') or None)
+                                "checking each destination before copying", self.bucket,
+                                o.key, last)
+                last = o.key
+            yield page
+
+    def __iter__(self) -> Iterator[Obj]:
+        for page in self.pages():
+            yield from page
+
+
+def listed(listing: Listing, stop: threading.Event) -> Iterator[Obj]:
+    """A listing read a few pages ahead in its own thread, so listing overlaps copying."""
+    for page in prefetch(listing.pages(), 4, stop):
+        yield from page
 
 
 def prefetch(iterable: Iterable, depth: int, stop: threading.Event) -> Iterator:
@@ -367,7 +392,7 @@ def copy_one(s3, copier, item: Item, cfg: Settings) -> Item:
             etag = copier.copy(cfg.source_bucket, item.src.key, cfg.dest_bucket, item.dest_key)
             item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag))
         item.action = "copied"
-    except (ClientError, BotoCoreError, LookupError, OSError, CopyError) as exc:
+    except (ClientError, BotoCoreError, LookupError, OSError, S3RequestError) as exc:
         item.action, item.error = "failed", describe_error(exc)
     return item
 
@@ -394,8 +419,8 @@ def copy_multipart(s3, item: Item, cfg: Settings, source: dict) -> None:
                                   max_concurrency=4, use_threads=True))
 
 
-class CopyError(Exception):
-    """A CopyObject that failed after the engine's own retries."""
+class S3RequestError(Exception):
+    """A request sent through the CRT that failed after its retries."""
 
 
 class Boto3Copier:
@@ -408,14 +433,14 @@ class Boto3Copier:
         return (resp.get("CopyObjectResult", {}).get("ETag") or "").strip('"') or None
 
 
-class CrtCopier:
-    """CopyObject through the AWS Common Runtime, the hot path of a migration.
+class CrtClient:
+    """CopyObject and ListObjectsV2 through the AWS Common Runtime: the hot path.
 
     botocore spends about 2 ms of CPU building and signing each request; the
     CRT signs natively and keeps its own connection pool and retries (with
     backoff on throttling and 5xx), at a fraction of that. It also checks the
     body of a 200 response for an error, as CopyObject can fail with status 200.
-    Everything else (listing, HEAD, multipart, delete) stays on boto3.
+    Everything else (HEAD, multipart, delete, bucket checks) stays on boto3.
     """
 
     def __init__(self, s3, max_attempts: int, connections: int):
@@ -437,7 +462,7 @@ class CrtCopier:
         self.virtual_hosted = url.hostname.endswith("amazonaws.com")
         self.scheme, self.netloc = url.scheme, url.netloc
         self.pending: dict[object, object] = {}
-        elg = EventLoopGroup(2)
+        elg = EventLoopGroup(1)  # one native loop thread: less contention on 2 cores
         self.client = S3Client(
             bootstrap=ClientBootstrap(elg, DefaultHostResolver(elg)), region=self.region,
             tls_mode=S3RequestTlsMode.ENABLED if url.scheme == "https" else S3RequestTlsMode.DISABLED,
@@ -445,26 +470,23 @@ class CrtCopier:
             max_active_connections_override=connections,
             retry_config=S3RetryConfig(max_retries=max(max_attempts - 1, 1)))
 
-    def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
-              done: Callable[[str | None, str | None], None]) -> None:
-        """Send one CopyObject without blocking; done(etag, error) runs on a CRT thread."""
+    def _send(self, method: str, bucket: str, key_path: str, query: str, headers: list,
+              operation: str, done: Callable[[bytes | None, str | None], None]) -> None:
+        """One signed request; done(body, error) runs on a CRT thread."""
         from awscrt.http import HttpHeaders, HttpRequest
         from awscrt.s3 import S3RequestType
 
-        if self.virtual_hosted and "." not in dst_bucket:
-            host, path = f"{dst_bucket}.{self.netloc}", "/" + quote(dst_key, safe="/~")
+        if self.virtual_hosted and "." not in bucket:
+            host, path = f"{bucket}.{self.netloc}", "/" + key_path
         else:
-            host, path = self.netloc, f"/{dst_bucket}/" + quote(dst_key, safe="/~")
-        headers = HttpHeaders([("Host", host), ("Content-Length", "0"),
-                               ("x-amz-copy-source", quote(f"{src_bucket}/{src_key}", safe="/~"))])
+            host, path = self.netloc, f"/{bucket}" + (f"/{key_path}" if key_path else "")
         body: list[bytes] = []
         token = object()
 
         def on_done(error=None, error_body=None, status_code=None, **_):
             self.pending.pop(token, None)
             if error is None:
-                etag = re.search(rb"<ETag>(?:&quot;|\")?([^<&\"]*)", b"".join(body))
-                done(etag.group(1).decode() if etag else None, None)
+                done(b"".join(body), None)
                 return
             code = re.search(rb"<Code>([^<]*)</Code>", error_body or b"")
             message = re.search(rb"<Message>([^<]*)</Message>", error_body or b"")
@@ -474,20 +496,65 @@ class CrtCopier:
         REQUESTS["s3"] += 1
         # Held until done: the request must outlive this call.
         self.pending[token] = self.client.make_request(
-            type=S3RequestType.DEFAULT, operation_name="CopyObject",
-            request=HttpRequest("PUT", path, headers),
+            type=S3RequestType.DEFAULT, operation_name=operation,
+            request=HttpRequest(method, path + (f"?{query}" if query else ""),
+                                HttpHeaders([("Host", host), *headers])),
             on_body=lambda chunk, **_: body.append(chunk), on_done=on_done)
+
+    def _wait(self, *args) -> bytes:
+        result: queue.Queue = queue.Queue()
+        self._send(*args, lambda *r: result.put(r))
+        body, error = result.get()
+        if error:
+            raise S3RequestError(error)
+        return body
+
+    def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
+              done: Callable[[str | None, str | None], None]) -> None:
+        """Send one CopyObject without blocking; done(etag, error) runs on a CRT thread."""
+        def finished(body: bytes | None, error: str | None) -> None:
+            etag = re.search(rb"<ETag>(?:&quot;|\")?([^<&\"]*)", body or b"")
+            done(etag.group(1).decode() if etag else None, error)
+        self._send("PUT", dst_bucket, quote(dst_key, safe="/~"), "",
+                   [("Content-Length", "0"),
+                    ("x-amz-copy-source", quote(f"{src_bucket}/{src_key}", safe="/~"))],
+                   "CopyObject", finished)
 
     def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> str | None:
         result: queue.Queue = queue.Queue()
         self.start(src_bucket, src_key, dst_bucket, dst_key, lambda *r: result.put(r))
         etag, error = result.get()
         if error:
-            raise CopyError(error)
+            raise S3RequestError(error)
         return etag
 
+    def list_page(self, bucket: str, prefix: str, token: str | None,
+                  max_keys: int) -> tuple[list[Obj], str | None]:
+        """One ListObjectsV2 page, parsed with ElementTree.
 
-def copy_async(copier: CrtCopier, item: Item, cfg: Settings, done: Callable[[Item], None]) -> None:
+        botocore's response parsing costs about 70 us per key, more than the
+        copy itself; this reads just the three fields the planner needs.
+        """
+        import xml.etree.ElementTree as ET
+
+        params = [("continuation-token", token)] if token else []
+        params += [("encoding-type", "url"), ("list-type", "2"),
+                   ("max-keys", str(max_keys)), ("prefix", prefix)]
+        query = "&".join(f"{k}={quote(v, safe='-_.~')}" for k, v in params)
+        root = ET.fromstring(self._wait("GET", bucket, "", query, [], "ListObjectsV2"))
+        ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+        encoded = root.findtext(ns + "EncodingType") == "url"
+        objs = []
+        for c in root.iterfind(ns + "Contents"):
+            key = c.findtext(ns + "Key") or ""
+            objs.append(Obj(unquote_plus(key) if encoded else key,
+                            int(c.findtext(ns + "Size") or 0),
+                            (c.findtext(ns + "ETag") or "").strip('"') or None))
+        truncated = root.findtext(ns + "IsTruncated") == "true"
+        return objs, (root.findtext(ns + "NextContinuationToken") if truncated else None)
+
+
+def copy_async(copier: CrtClient, item: Item, cfg: Settings, done: Callable[[Item], None]) -> None:
     """The CRT's way of copy_one: no worker thread waits; done(item) gets the outcome."""
     def finished(etag: str | None, error: str | None) -> None:
         if error:
@@ -503,7 +570,7 @@ def make_copier(s3, cfg: Settings):
     """The CRT when it is installed (or asked for), boto3 otherwise."""
     if cfg.engine in ("auto", "crt"):
         try:
-            return CrtCopier(s3, cfg.max_attempts, cfg.workers)
+            return CrtClient(s3, cfg.max_attempts, cfg.workers)
         except ImportError:
             if cfg.engine == "crt":
                 raise UsageError("--engine crt needs the awscrt package: pip install awscrt")
@@ -883,13 +950,15 @@ class Interrupt:
 def migrate(s3, db: Database | None, cfg: Settings, reporter: Reporter, stop: threading.Event,
             stats: Stats) -> None:
     """List, plan, copy on a bounded pool, rewrite rows in batches; one coordinating thread."""
+    copier = make_copier(s3, cfg)
     if cfg.manifest:
         sources: Iterable[Obj] = read_manifest(cfg.manifest, cfg.source_bucket, cfg.source_prefix)
-        items = plan(prefetch(sources, 5000, stop), None, cfg)
+        items = plan(sources, None, cfg)
     else:
-        src_listing = Listing(s3, cfg.source_bucket, cfg.source_prefix)
-        dest_listing = Listing(s3, cfg.dest_bucket, cfg.dest_prefix)
-        items = plan(prefetch(src_listing, 5000, stop), prefetch(dest_listing, 5000, stop), cfg,
+        crt = copier if isinstance(copier, CrtClient) else None
+        src_listing = Listing(s3, cfg.source_bucket, cfg.source_prefix, crt=crt)
+        dest_listing = Listing(s3, cfg.dest_bucket, cfg.dest_prefix, crt=crt)
+        items = plan(listed(src_listing, stop), listed(dest_listing, stop), cfg,
                      src_listing, dest_listing)
 
     done_q: queue.Queue = queue.Queue()
@@ -967,7 +1036,6 @@ def migrate(s3, db: Database | None, cfg: Settings, reporter: Reporter, stop: th
         if len(batch) >= cfg.batch_size or time.monotonic() - last_flush >= 1.0:
             flush()
 
-    copier = make_copier(s3, cfg) if not cfg.dry_run else None
     executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="copy")
     try:
         for item in items:
@@ -981,7 +1049,7 @@ def migrate(s3, db: Database | None, cfg: Settings, reporter: Reporter, stop: th
                 if stop.is_set():
                     break
                 inflight += 1
-                if (item.kind == COPY and isinstance(copier, CrtCopier)
+                if (item.kind == COPY and isinstance(copier, CrtClient)
                         and (item.src.size or 0) <= cfg.multipart_threshold):
                     copy_async(copier, item, cfg, done_q.put)
                 else:
@@ -1133,7 +1201,7 @@ def verify(s3, cfg: Settings) -> int:
     src_listing = Listing(s3, cfg.source_bucket, cfg.source_prefix)
     dest_listing = Listing(s3, cfg.dest_bucket, cfg.dest_prefix)
     pairs: list[tuple[str, str]] = []
-    for item in plan(prefetch(src_listing, 5000, stop), prefetch(dest_listing, 5000, stop),
+    for item in plan(listed(src_listing, stop), listed(dest_listing, stop),
                      cfg, src_listing, dest_listing):
         checked += 1
         if item.kind == CHECK:
@@ -1154,7 +1222,7 @@ def verify(s3, cfg: Settings) -> int:
 
     # Every row under the destination prefix must point at an existing object:
     # both sides sorted in binary order, so one merge pass.
-    dest_keys = (o.key for o in prefetch(Listing(s3, cfg.dest_bucket, cfg.dest_prefix), 5000, stop))
+    dest_keys = (o.key for o in listed(Listing(s3, cfg.dest_bucket, cfg.dest_prefix), stop))
     d = next(dest_keys, None)
     rows = 0
     for path, n in db_rows_under(db, cfg.dest_prefix):
@@ -1390,7 +1458,7 @@ def main(argv: list[str] | None = None) -> int:
     except psycopg2.Error as exc:
         print(f"move.py: error: database: {first_line(exc)}; rerun to resume", file=sys.stderr)
         return EXIT_FAILED
-    except (ClientError, BotoCoreError) as exc:
+    except (ClientError, BotoCoreError, S3RequestError) as exc:
         print(f"move.py: error: S3: {mask_dsn(describe_error(exc))}; rerun to resume",
               file=sys.stderr)
         return EXIT_FAILED
