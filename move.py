@@ -947,10 +947,9 @@ class Interrupt:
                     b"rows (Ctrl-C again to exit now)\n")
 
 
-def migrate(s3, db: Database | None, cfg: Settings, reporter: Reporter, stop: threading.Event,
-            stats: Stats) -> None:
+def migrate(s3, copier, db: Database | None, cfg: Settings, reporter: Reporter,
+            stop: threading.Event, stats: Stats) -> None:
     """List, plan, copy on a bounded pool, rewrite rows in batches; one coordinating thread."""
-    copier = make_copier(s3, cfg)
     if cfg.manifest:
         sources: Iterable[Obj] = read_manifest(cfg.manifest, cfg.source_bucket, cfg.source_prefix)
         items = plan(sources, None, cfg)
@@ -1095,16 +1094,18 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event) -> int:
             db._build_snapshot()
     if not cfg.dry_run:
         db.ensure_journal()
-    log.info("run %s: s3://%s/%s -> s3://%s/%s, %d workers%s", run_id, cfg.source_bucket,
-             cfg.source_prefix, cfg.dest_bucket, cfg.dest_prefix, cfg.workers,
+    copier = make_copier(s3, cfg)
+    log.info("run %s: s3://%s/%s -> s3://%s/%s, %d workers, %s engine%s", run_id,
+             cfg.source_bucket, cfg.source_prefix, cfg.dest_bucket, cfg.dest_prefix, cfg.workers,
+             "crt" if isinstance(copier, CrtClient) else "boto3",
              f", shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "")
     stats = Stats()
     reporter = Reporter(cfg, quiet)
     if reporter.bar is not None and not cfg.manifest:
-        count_in_background(s3, cfg, reporter, stop)
+        count_in_background(s3, copier, cfg, reporter, stop)
     interrupted = False
     try:
-        migrate(s3, db, cfg, reporter, stop, stats)
+        migrate(s3, copier, db, cfg, reporter, stop, stats)
         interrupted = stop.is_set()
         if not interrupted:
             stats.rows_left_under_source, stats.rows_outside = db.table_counts()
@@ -1119,12 +1120,14 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event) -> int:
     return EXIT_FAILED if stats.failed or stats.conflicts else EXIT_OK
 
 
-def count_in_background(s3, cfg: Settings, reporter: Reporter, stop: threading.Event) -> None:
+def count_in_background(s3, copier, cfg: Settings, reporter: Reporter,
+                        stop: threading.Event) -> None:
     """A second, count-only listing gives the progress bar a total and an ETA."""
     def count():
         n = 0
         try:
-            for o in Listing(s3, cfg.source_bucket, cfg.source_prefix):
+            crt = copier if isinstance(copier, CrtClient) else None
+            for o in Listing(s3, cfg.source_bucket, cfg.source_prefix, crt=crt):
                 if stop.is_set():
                     return
                 n += is_png(o.key) and in_shard(o.key[len(cfg.source_prefix):], cfg.shard)
