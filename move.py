@@ -841,6 +841,7 @@ class Reporter:
     def __init__(self, cfg: Settings, quiet: bool):
         self.cfg, self.quiet = cfg, quiet
         self.bar = None
+        self.total: int | None = None
         self.report = self.report_file = None
         self.last_log = time.monotonic()
         if cfg.report:
@@ -853,9 +854,8 @@ class Reporter:
                             desc="dry run" if cfg.dry_run else "migrating")
 
     def set_total(self, total: int) -> None:
-        if self.bar is not None and self.bar.total != total:
-            self.bar.total = total
-            self.bar.refresh()
+        """From the counting thread; the bar itself is only touched by the main thread."""
+        self.total = total
 
     def item(self, item: Item, stats: Stats) -> None:
         if self.report:
@@ -867,6 +867,8 @@ class Reporter:
                         "left alone (use --overwrite)", item.dest_key,
                         item.dest.size if item.dest else "?", item.src.size)
         if self.bar is not None:
+            if self.total is not None and self.bar.total != self.total:
+                self.bar.total = self.total
             self.bar.update(1)
         elif not self.quiet and time.monotonic() - self.last_log >= 5:
             self.last_log = time.monotonic()
