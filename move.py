@@ -31,6 +31,7 @@ from urllib.parse import quote, unquote_plus, urlsplit
 
 import boto3
 import psycopg2
+import psycopg2.errors
 from botocore.config import Config
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError,
                                  NoCredentialsError, PartialCredentialsError)
@@ -577,6 +578,16 @@ def make_copier(s3, cfg: Settings):
     return Boto3Copier(s3)
 
 
+def copy_confirmed(s3, cfg: Settings, item: Item) -> bool:
+    """Before deleting a source whose copy's ETag is not comparable (SSE-KMS,
+    multipart): the copy must exist with the source's size."""
+    try:
+        h = head(s3, cfg.dest_bucket, item.dest_key)
+    except (ClientError, BotoCoreError):
+        return False
+    return h is not None and item.src.size is not None and h.get("ContentLength") == item.src.size
+
+
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -693,7 +704,15 @@ class Database:
         self.plan_name = "index"
 
     def ensure_journal(self) -> None:
+        """Create the journal once. Skipped when it exists: PostgreSQL checks CREATE
+        privilege even for IF NOT EXISTS, and shards starting together race on it."""
+        def exists(cur) -> bool:
+            cur.execute("SELECT to_regclass(%s)", (self.journal.as_string(cur),))
+            return cur.fetchone()[0] is not None
+
         def create(cur):
+            if exists(cur):
+                return
             cur.execute(sql.SQL("""
                 CREATE TABLE IF NOT EXISTS {} (
                     id bigserial PRIMARY KEY,
@@ -705,7 +724,13 @@ class Database:
                     rolled_back_at timestamptz)""").format(self.journal))
             cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (run_id)").format(
                 sql.Identifier(self.journal.strings[-1] + "_run_idx"), self.journal))
-        self.retry(create)
+        try:
+            self.retry(create)
+        except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable):
+            # Another shard created it between our check and our CREATE.
+            self.conn.rollback()
+            if not self.retry(exists):
+                raise
 
     # the no-index plan --------------------------------------------------
     def _build_snapshot(self) -> None:
@@ -991,8 +1016,13 @@ def migrate(s3, copier, db: Database | None, cfg: Settings, reporter: Reporter,
             if i.action != "copied":
                 i.action = "rows-only" if i.rows else "skipped"
             finish(i)
-            if cfg.delete_source and i.verified and not cfg.dry_run:
-                deletes.append(i)
+            if cfg.delete_source and not cfg.dry_run and i.action in ("copied", "rows-only",
+                                                                       "skipped"):
+                if i.verified or copy_confirmed(s3, cfg, i):
+                    deletes.append(i)
+                else:
+                    log.warning("kept source %s: its copy could not be verified (size or ETag "
+                                "differs)", i.src.key)
         if len(deletes) >= 1000:
             delete_sources()
 
@@ -1097,7 +1127,8 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event) -> int:
     if not cfg.dry_run:
         db.ensure_journal()
     copier = make_copier(s3, cfg)
-    log.info("run %s: s3://%s/%s -> s3://%s/%s, %d workers, %s engine%s", run_id,
+    log.info("%s %s: s3://%s/%s -> s3://%s/%s, %d workers, %s engine%s",
+             "dry run" if cfg.dry_run else "run", run_id,
              cfg.source_bucket, cfg.source_prefix, cfg.dest_bucket, cfg.dest_prefix, cfg.workers,
              "crt" if isinstance(copier, CrtClient) else "boto3",
              f", shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "")

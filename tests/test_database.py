@@ -1,0 +1,70 @@
+"""The Database layer against a real PostgreSQL."""
+import threading
+import uuid
+
+import psycopg2
+
+import move
+
+
+def settings(dsn: str) -> move.Settings:
+    return move.Settings(db=dsn, source_bucket="legacy-s3", dest_bucket="production-s3",
+                         source_prefix="image/", dest_prefix="avatar/", table="avatars",
+                         column="path")
+
+
+def journal_exists(conn) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('avatars_move_journal')")
+        return cur.fetchone()[0] is not None
+
+
+def test_shards_starting_together_all_get_the_journal(db, dsn):
+    """N shards of a Kubernetes Job start at the same moment: none may fail on
+    the race to create the journal table."""
+    errors = []
+
+    def start(i):
+        d = move.Database(settings(dsn), f"run-{i}")
+        try:
+            d.preflight()
+            d.ensure_journal()
+        except psycopg2.Error as exc:
+            errors.append(exc)
+        finally:
+            d.close()
+
+    for _ in range(5):
+        with db.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS avatars_move_journal")
+        threads = [threading.Thread(target=start, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert journal_exists(db)
+    assert errors == []
+
+
+def test_existing_journal_needs_no_create_privilege(db, dsn):
+    """A migration role without CREATE on the schema works once the journal exists."""
+    move_db = move.Database(settings(dsn), "setup")
+    move_db.preflight()
+    move_db.ensure_journal()
+    move_db.close()
+    role = "migrator_" + uuid.uuid4().hex[:8]  # roles are cluster-wide
+    with db.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role} LOGIN")
+        cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        cur.execute(f"GRANT SELECT, UPDATE ON avatars TO {role}")
+        cur.execute(f"GRANT SELECT, INSERT, UPDATE ON avatars_move_journal TO {role}")
+        cur.execute(f"GRANT USAGE ON SEQUENCE avatars_move_journal_id_seq TO {role}")
+    limited = move.Database(settings(psycopg2.extensions.make_dsn(dsn, user=role)), "r")
+    try:
+        limited.preflight()
+        limited.ensure_journal()  # must not raise "permission denied for schema public"
+    finally:
+        limited.close()
+        with db.cursor() as cur:
+            cur.execute(f"DROP OWNED BY {role}")
+            cur.execute(f"DROP ROLE {role}")
