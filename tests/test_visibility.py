@@ -1,0 +1,631 @@
+"""Issue 3, "Visibility" and "Also": what move.py shows and keeps about a run.
+
+--dry-run, --verify, --report, the journal and --rollback, --delete-source,
+multipart copies, progress and logging (TTY or not, --quiet, --log-file), and
+no secret in the log or the report. Each test builds its state, runs move.py
+(in-process against moto, or as a subprocess against moto's HTTP server) and
+asserts on bucket contents, table rows, exit codes and output.
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import fcntl
+import os
+import re
+import select
+import struct
+import subprocess
+import termios
+import time
+
+import pytest
+from psycopg2.extensions import make_dsn
+
+from conftest import (DEST, PNG, SOURCE, insert_rows, keys, move_cmd, put, rows,
+                      subprocess_env)
+
+import move
+
+OTHER = PNG + b"other content"
+REAL_COPY_ONE = move.copy_one
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def stat(out: str, label: str) -> int:
+    """A number from the summary: '  <label>   <n>' or '  <label>: <n>'."""
+    m = re.search(rf"^\s+{re.escape(label)}:?\s+(\d+)\s*$", out, re.M)
+    assert m, f"no {label!r} in summary:\n{out}"
+    return int(m.group(1))
+
+
+def run_id_of(out: str) -> str:
+    m = re.search(r"^Run (\S+)$", out, re.M)
+    assert m, f"no 'Run <id>' in:\n{out}"
+    return m.group(1)
+
+
+def journal(conn) -> list[tuple]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT run_id, old_path, new_path, rows, rolled_back_at IS NOT NULL "
+                    "FROM avatars_move_journal ORDER BY old_path, id")
+        return cur.fetchall()
+
+
+def table_exists(conn, name: str) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (name,))
+        return cur.fetchone()[0] is not None
+
+
+def body(client, key: str, bucket: str = DEST) -> bytes:
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def snapshot(client, conn) -> tuple:
+    """Everything a run could change: both buckets (key, ETag) and the table."""
+    def listing(bucket):
+        out = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            out += [(o["Key"], o["ETag"]) for o in page.get("Contents", ())]
+        return out
+    return listing(SOURCE), listing(DEST), rows(conn)
+
+
+def fail_copy_of(monkeypatch, *failing: str) -> None:
+    """copy_one fails (as S3 would) for the given source keys, works for the rest."""
+    real = move.copy_one
+
+    def copy_one(s3, copier, item, cfg):
+        if item.src.key in failing:
+            item.action, item.error = "failed", "InternalError: injected failure"
+            return item
+        return real(s3, copier, item, cfg)
+    monkeypatch.setattr(move, "copy_one", copy_one)
+
+
+def mixed_state(s3, db) -> None:
+    """3 to copy, 2 rows-only, 2 done, 1 conflict, 2 rows without objects, 1 row elsewhere.
+
+    to copy:   c0 (1 row), c1 (2 rows), c2 (no row)
+    rows only: r0, r1 (identical copy exists, 1 row each still on image/)
+    done:      d0, d1 (identical copy exists, rows already on avatar/)
+    conflict:  x (avatar/x.png differs; 1 row on image/)
+    no object: rows image/gone0.png, image/gone1.png
+    elsewhere: a row outside both prefixes, and a NULL
+    plus a non-PNG under image/ that is never listed as a PNG
+    """
+    for k in ("c0", "c1", "c2", "r0", "r1", "d0", "d1", "x"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    for k in ("r0", "r1", "d0", "d1"):
+        put(s3, f"avatar/{k}.png", PNG + k.encode(), bucket=DEST)
+    put(s3, "avatar/x.png", OTHER, bucket=DEST)
+    put(s3, "image/readme.txt", b"not a png")
+    insert_rows(db, ["image/c0.png", "image/c1.png", "image/c1.png", "image/r0.png",
+                     "image/r1.png", "avatar/d0.png", "avatar/d1.png", "image/x.png",
+                     "image/gone0.png", "image/gone1.png", "elsewhere/y.png", None])
+
+
+# --------------------------------------------------------------------------- --dry-run
+
+
+def test_dry_run_writes_nothing_and_prints_the_plan(run, s3, db, capsys):
+    mixed_state(s3, db)
+    before = snapshot(s3, db)
+
+    code = run("--dry-run")
+    out, err = capsys.readouterr()
+
+    assert code == 0, out + err
+    assert snapshot(s3, db) == before
+    assert not table_exists(db, "avatars_move_journal")
+    assert out.startswith("Dry run: nothing was changed\n")
+    plan = {label: stat(out, label) for label in (
+        "listed PNGs", "to copy", "to rewrite rows only", "skipped (done)", "rows to rewrite",
+        "objects without rows", "conflicts", "failed")}
+    assert plan == {"listed PNGs": 8, "to copy": 3, "to rewrite rows only": 2,
+                    "skipped (done)": 2, "rows to rewrite": 5, "objects without rows": 1,
+                    "conflicts": 1, "failed": 0}
+    # rows under image/ left without an object once the run is done: gone0, gone1, x
+    assert stat(out, "rows under image/ with no object moved (table-wide)") == 3
+    assert stat(out, "rows outside image/ and avatar/ (untouched)") == 2
+
+    # The real run does what the dry run said.
+    assert run() == 1  # the conflict
+    real = capsys.readouterr().out
+    assert stat(real, "copied") == 3
+    assert stat(real, "rows only") == 2
+    assert stat(real, "skipped (done)") == 2
+    assert stat(real, "rows rewritten") == 5
+    assert stat(real, "objects without rows") == 1
+    assert stat(real, "conflicts") == 1
+    assert stat(real, "rows under image/ with no object moved (table-wide)") == 3
+
+
+def test_dry_run_after_a_finished_migration_has_nothing_to_do(run, s3, db, capsys):
+    put(s3, "image/a.png")
+    insert_rows(db, ["image/a.png"])
+    assert run() == 0
+    capsys.readouterr()
+    before = snapshot(s3, db)
+    assert run("--dry-run") == 0
+    out = capsys.readouterr().out
+    assert snapshot(s3, db) == before
+    assert (stat(out, "to copy"), stat(out, "skipped (done)"), stat(out, "rows to rewrite")) \
+        == (0, 1, 0)
+
+
+# --------------------------------------------------------------------------- --verify
+
+
+def migrated(run, s3, db, capsys, names=("a", "b", "c")) -> None:
+    for n in names:
+        put(s3, f"image/{n}.png", PNG + n.encode())
+    insert_rows(db, [f"image/{n}.png" for n in names])
+    assert run() == 0
+    capsys.readouterr()
+
+
+def test_verify_clean_then_missing_copy_then_rerun_heals(run, s3, db, capsys):
+    migrated(run, s3, db, capsys)
+    before = snapshot(s3, db)
+    assert run("--verify") == 0
+    out = capsys.readouterr().out
+    assert "0 problem(s)" in out
+    assert not re.search(r"^[A-Z-]+: ", out, re.M)
+    assert snapshot(s3, db) == before
+
+    s3.delete_object(Bucket=DEST, Key="avatar/b.png")
+    before = snapshot(s3, db)
+    assert run("--verify") == 1
+    out = capsys.readouterr().out
+    assert snapshot(s3, db) == before  # read-only
+    assert re.search(r"^MISSING-COPY: image/b\.png has no copy at avatar/b\.png$", out, re.M), out
+    # its row now dangles too
+    assert re.search(r"^DANGLING-ROW: 1 row\(s\) point at avatar/b\.png\b", out, re.M), out
+    assert "2 problem(s)" in out
+
+    assert run() == 0  # a normal rerun copies it again
+    out = capsys.readouterr().out
+    assert stat(out, "copied") == 1 and stat(out, "skipped (done)") == 2
+    assert body(s3, "avatar/b.png") == PNG + b"b"
+    assert run("--verify") == 0
+    assert "0 problem(s)" in capsys.readouterr().out
+
+
+def test_verify_names_each_kind_of_problem(run, s3, db, capsys):
+    migrated(run, s3, db, capsys, names=("a", "b", "c", "d"))
+    insert_rows(db, ["avatar/ghost.png"])  # DANGLING-ROW: no such object anywhere
+    insert_rows(db, ["image/b.png"])  # NOT-REWRITTEN: a row added after the run
+    put(s3, "avatar/c.png", OTHER, bucket=DEST)  # MISMATCH
+    before = snapshot(s3, db)
+
+    assert run("--verify") == 1
+    out = capsys.readouterr().out
+    assert snapshot(s3, db) == before
+    assert not table_exists(db, "avatars_move_journal") or len(journal(db)) == 4
+    problems = [line for line in out.splitlines() if re.match(r"[A-Z-]+: ", line)]
+    assert len(problems) == 3, out
+    assert any(re.fullmatch(r"DANGLING-ROW: 1 row\(s\) point at avatar/ghost\.png, which does "
+                            r"not exist in s3://production-s3", p) for p in problems), out
+    assert any(re.fullmatch(r"NOT-REWRITTEN: 1 row\(s\) still point at image/b\.png "
+                            r"\(copy: avatar/b\.png\)", p) for p in problems), out
+    assert any(p.startswith("MISMATCH: avatar/c.png ") and "image/c.png" in p
+               for p in problems), out
+    assert re.search(r"3 problem\(s\): DANGLING-ROW 1, MISMATCH 1, NOT-REWRITTEN 1", out), out
+
+
+# --------------------------------------------------------------------------- --report
+
+
+def test_report_csv_one_line_per_object(run, s3, db, capsys, tmp_path, monkeypatch):
+    put(s3, "image/a.png", PNG + b"a")  # copied, 2 rows
+    put(s3, "image/n.png", PNG + b"n")  # copied, no row
+    for k in ("r", "d"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+        put(s3, f"avatar/{k}.png", PNG + k.encode(), bucket=DEST)
+    put(s3, "image/x.png", PNG + b"x")  # conflict
+    put(s3, "avatar/x.png", OTHER, bucket=DEST)
+    put(s3, "image/f.png", PNG + b"f")  # failed
+    insert_rows(db, ["image/a.png", "image/a.png", "image/r.png", "avatar/d.png",
+                     "image/x.png", "image/f.png"])
+    fail_copy_of(monkeypatch, "image/f.png")
+    report = tmp_path / "run.csv"
+
+    assert run("--report", str(report)) == 1
+    capsys.readouterr()
+    with open(report, newline="", encoding="utf-8") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == ["source_key", "dest_key", "action", "rows_rewritten", "error"]
+    got = {line[0]: line for line in lines[1:]}
+    assert len(lines) == 1 + 6 and len(got) == 6
+    assert got == {
+        "image/a.png": ["image/a.png", "avatar/a.png", "copied", "2", ""],
+        "image/n.png": ["image/n.png", "avatar/n.png", "copied", "0", ""],
+        "image/r.png": ["image/r.png", "avatar/r.png", "rows-only", "1", ""],
+        "image/d.png": ["image/d.png", "avatar/d.png", "skipped", "0", ""],
+        "image/x.png": ["image/x.png", "avatar/x.png", "conflict", "0", ""],
+        "image/f.png": ["image/f.png", "avatar/f.png", "failed", "0",
+                        "InternalError: injected failure"],
+    }
+    assert rows(db) == ["avatar/a.png", "avatar/a.png", "avatar/r.png", "avatar/d.png",
+                        "image/x.png", "image/f.png"]
+
+
+# --------------------------------------------------------------------------- journal, --rollback
+
+
+def test_journal_has_one_entry_per_rewritten_key_with_the_run_id(run, s3, db, capsys):
+    for k in ("a", "b", "n"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    insert_rows(db, ["image/a.png", "image/a.png", "image/b.png"])  # n has no row
+    assert run() == 0
+    rid = run_id_of(capsys.readouterr().out)
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", rid)
+    assert journal(db) == [(rid, "image/a.png", "avatar/a.png", 2, False),
+                           (rid, "image/b.png", "avatar/b.png", 1, False)]
+    # a rerun rewrites nothing, so journals nothing
+    assert run() == 0
+    capsys.readouterr()
+    assert len(journal(db)) == 2
+
+
+def test_rollback_latest_and_a_specific_run(run, s3, db, capsys):
+    for k in ("a", "b"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    insert_rows(db, ["image/a.png", "image/a.png", "image/b.png"])
+    assert run() == 0
+    run1 = run_id_of(capsys.readouterr().out)
+    put(s3, "image/c.png", PNG + b"c")
+    insert_rows(db, ["image/c.png"])
+    assert run() == 0
+    run2 = run_id_of(capsys.readouterr().out)
+    assert run1 != run2
+    assert rows(db) == ["avatar/a.png", "avatar/a.png", "avatar/b.png", "avatar/c.png"]
+    dest_before = keys(s3, DEST)
+
+    # the first run, by id: only its keys
+    assert run("--rollback", run1) == 0
+    out = capsys.readouterr().out
+    assert rows(db) == ["image/a.png", "image/a.png", "image/b.png", "avatar/c.png"]
+    assert re.search(rf"^Rollback of run {run1}: 3 row\(s\) restored for 2 key\(s\); "
+                     r"0 key\(s\) refused\.", out, re.M), out
+    assert keys(s3, DEST) == dest_before  # copies stay
+
+    # latest: the second run (the first one is rolled back already)
+    assert run("--rollback") == 0
+    out = capsys.readouterr().out
+    assert f"Rollback of run {run2}: 1 row(s) restored for 1 key(s)" in out
+    assert rows(db) == ["image/a.png", "image/a.png", "image/b.png", "image/c.png"]
+    assert all(entry[4] for entry in journal(db))
+
+    # nothing left to roll back
+    assert run("--rollback", run1) == 2
+    captured = capsys.readouterr()
+    assert run1 in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_rollback_latest_picks_the_latest_run(run, s3, db, capsys):
+    put(s3, "image/a.png", PNG + b"a")
+    insert_rows(db, ["image/a.png"])
+    assert run() == 0
+    capsys.readouterr()
+    put(s3, "image/b.png", PNG + b"b")
+    insert_rows(db, ["image/b.png"])
+    assert run() == 0
+    run2 = run_id_of(capsys.readouterr().out)
+    assert run("--rollback") == 0
+    assert f"Rollback of run {run2}:" in capsys.readouterr().out
+    assert rows(db) == ["avatar/a.png", "image/b.png"]
+
+
+def test_rollback_refused_where_the_source_is_gone(run, s3, db, capsys):
+    for k in ("a", "b"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    insert_rows(db, ["image/a.png", "image/b.png", "image/b.png"])
+    assert run() == 0
+    rid = run_id_of(capsys.readouterr().out)
+    s3.delete_object(Bucket=SOURCE, Key="image/b.png")
+
+    assert run("--rollback") == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^REFUSED: avatar/b\.png stays: its source image/b\.png no longer exists",
+                     out, re.M), out
+    assert "avatar/a.png stays" not in out
+    assert rows(db) == ["image/a.png", "avatar/b.png", "avatar/b.png"]
+    assert f"Rollback of run {rid}: 1 row(s) restored for 1 key(s); 1 key(s) refused" in out
+
+
+def test_rollback_unknown_run_id_is_one_line_exit_2(run, s3, db, capsys):
+    put(s3, "image/a.png")
+    insert_rows(db, ["image/a.png"])
+    assert run() == 0
+    capsys.readouterr()
+    assert run("--rollback", "20000101T000000Z-nosuch") == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1 and "20000101T000000Z-nosuch" in err, err
+    assert err.startswith("move.py: error: ")
+    assert rows(db) == ["avatar/a.png"]
+
+
+def test_rollback_with_an_empty_journal_exit_2(run, s3, db, capsys):
+    assert run("--rollback") == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "no run to roll back" in err
+
+
+# --------------------------------------------------------------------------- --delete-source
+
+
+def watch_deletes(monkeypatch, s3, db, seen: list) -> None:
+    """At each DeleteObjects move.py sends: the copy exists and no row points at the source."""
+    real = move.make_s3_client
+
+    def check(params, **_):
+        for o in params["Delete"]["Objects"]:
+            src = o["Key"]
+            dst = "avatar/" + src[len("image/"):]
+            assert body(s3, dst) == body(s3, src, bucket=SOURCE), f"{src} deleted before its copy"
+            assert src not in rows(db), f"{src} deleted while a row still points at it"
+            seen.append(src)
+
+    def make(*args, **kwargs):
+        client = real(*args, **kwargs)
+        client.meta.events.register("before-parameter-build.s3.DeleteObjects", check)
+        return client
+    monkeypatch.setattr(move, "make_s3_client", make)
+
+
+def delete_state(s3, db) -> None:
+    for k in ("a", "b", "n", "r", "d", "x", "f"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    for k in ("r", "d"):
+        put(s3, f"avatar/{k}.png", PNG + k.encode(), bucket=DEST)
+    put(s3, "avatar/x.png", OTHER, bucket=DEST)
+    insert_rows(db, ["image/a.png", "image/b.png", "image/b.png", "image/r.png",
+                     "avatar/d.png", "image/x.png", "image/f.png"])
+
+
+def test_delete_source_only_after_copy_and_rewrite(run, s3, db, capsys, monkeypatch):
+    delete_state(s3, db)
+    fail_copy_of(monkeypatch, "image/f.png")
+    seen: list[str] = []
+    watch_deletes(monkeypatch, s3, db, seen)
+
+    assert run("--delete-source") == 1  # a conflict and a failure
+    out = capsys.readouterr().out
+    assert sorted(seen) == ["image/a.png", "image/b.png", "image/d.png", "image/n.png",
+                            "image/r.png"]
+    assert stat(out, "sources deleted") == 5
+    # conflict and failure keep their source (and their rows)
+    assert keys(s3, SOURCE) == ["image/f.png", "image/x.png"]
+    assert rows(db) == ["avatar/a.png", "avatar/b.png", "avatar/b.png", "avatar/r.png",
+                        "avatar/d.png", "image/x.png", "image/f.png"]
+    assert body(s3, "avatar/x.png") == OTHER
+    assert "avatar/f.png" not in keys(s3, DEST)
+
+    # the failure heals on a rerun, and only then goes its source
+    monkeypatch.setattr(move, "copy_one", REAL_COPY_ONE)
+    assert run("--delete-source") == 1  # the conflict stays
+    capsys.readouterr()
+    assert keys(s3, SOURCE) == ["image/x.png"]
+    assert body(s3, "avatar/f.png") == PNG + b"f"
+    assert rows(db)[-1] == "avatar/f.png"
+
+
+def test_without_delete_source_nothing_is_deleted(run, s3, db, capsys, monkeypatch):
+    delete_state(s3, db)
+    seen: list[str] = []
+    watch_deletes(monkeypatch, s3, db, seen)
+    before = keys(s3, SOURCE)
+    assert run() == 1  # the conflict
+    out = capsys.readouterr().out
+    assert seen == [] and keys(s3, SOURCE) == before
+    assert "sources deleted" not in out
+
+
+def test_dry_run_with_delete_source_deletes_nothing(run, s3, db, capsys):
+    delete_state(s3, db)
+    before = snapshot(s3, db)
+    assert run("--dry-run", "--delete-source") == 0
+    capsys.readouterr()
+    assert snapshot(s3, db) == before
+
+
+def test_delete_source_over_http_with_the_default_engine(cli, http_seed, db):
+    ks = http_seed(4)
+    put(http_seed.client, "avatar/u003.png", OTHER, bucket=DEST)  # conflict: u003 stays
+    p = cli("--delete-source", "--quiet")
+    assert p.code == 1, p.err
+    assert stat(p.out, "sources deleted") == 3
+    assert keys(http_seed.client, SOURCE) == ["image/u003.png"]
+    assert keys(http_seed.client, DEST) == ["avatar/" + k[len("image/"):] for k in ks]
+    assert rows(db) == ["avatar/u000.png", "avatar/u001.png", "avatar/u002.png",
+                        "image/u003.png"]
+
+
+# --------------------------------------------------------------------------- multipart
+
+
+def test_multipart_copy_keeps_bytes_type_and_metadata(run, s3, db, capsys):
+    big = os.urandom(12 * 1024 ** 2)
+    put(s3, "image/big.png", big, ContentType="image/png", Metadata={"owner": "u1"})
+    put(s3, "image/small.png", PNG, ContentType="image/png", Metadata={"owner": "u2"})
+    insert_rows(db, ["image/big.png", "image/small.png"])
+    args = ("--multipart-threshold", "8388608", "--multipart-chunksize", "5242880")
+
+    assert run(*args) == 0
+    out = capsys.readouterr().out
+    assert stat(out, "copied") == 2
+    h = s3.head_object(Bucket=DEST, Key="avatar/big.png")
+    assert re.fullmatch(r'"[0-9a-f]{32}-3"', h["ETag"]), h["ETag"]  # 5 + 5 + 2 MiB
+    assert h["ContentLength"] == len(big)
+    assert h["ContentType"] == "image/png"
+    assert h["Metadata"] == {"owner": "u1"}
+    assert body(s3, "avatar/big.png") == big
+    small = s3.head_object(Bucket=DEST, Key="avatar/small.png")
+    assert "-" not in small["ETag"] and small["Metadata"] == {"owner": "u2"}
+    assert rows(db) == ["avatar/big.png", "avatar/small.png"]
+
+    assert run(*args) == 0  # done is done, though the ETags differ by design
+    out = capsys.readouterr().out
+    assert stat(out, "copied") == 0 and stat(out, "skipped (done)") == 2
+    assert stat(out, "conflicts") == 0
+
+
+# --------------------------------------------------------------------------- progress, logging
+
+
+@pytest.fixture
+def http_seed(endpoint, db):
+    """Fill the moto server: n sources with a row each."""
+    client = move.make_s3_client()
+
+    def seed(n: int, name: str = "u") -> list[str]:
+        ks = [f"image/{name}{i:03d}.png" for i in range(n)]
+        for k in ks:
+            put(client, k, PNG + k.encode())
+        insert_rows(db, ks)
+        return ks
+    seed.client = client
+    return seed
+
+
+def test_not_a_tty_no_bar_but_log_lines(cli, http_seed, db):
+    http_seed(5)
+    p = cli()
+    assert p.code == 0, p.err
+    assert "Run " in p.out and stat(p.out, "copied") == 5
+    lines = p.err.splitlines()
+    assert lines and all(re.match(r"(INFO|WARNING|ERROR) ", line) for line in lines), p.err
+    assert any(re.match(r"INFO run \S+: s3://legacy-s3/image/ -> s3://production-s3/avatar/",
+                        line) for line in lines), p.err
+    assert "\r" not in p.err and "obj/s]" not in p.err and "%|" not in p.err
+
+
+def test_periodic_progress_log_line_without_a_tty(s3, db, dsn, capsys, monkeypatch, tmp_path):
+    """No terminal: a 'progress:' log line every 5 s (here: the clock says 5 s have passed)."""
+    monkeypatch.chdir(tmp_path)
+    for i in range(3):
+        put(s3, f"image/p{i}.png", PNG + bytes([i]))
+    insert_rows(db, ["image/p0.png"])
+    real_init = move.Reporter.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.last_log = float("-inf")
+    monkeypatch.setattr(move.Reporter, "__init__", init)
+    assert move.main(["--db", dsn, "--engine", "boto3"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^INFO progress: \d+ done \(\d+ copied, \d+ rows rewritten, 0 failed\), "
+                     r"\d+ obj/s$", err, re.M), err
+    assert "%|" not in err
+    assert stat(out, "copied") == 3
+
+
+def test_quiet_prints_only_the_summary(cli, http_seed, db):
+    http_seed(5)
+    p = cli("--quiet")
+    assert p.code == 0, p.err
+    assert p.err == ""
+    assert re.match(r"Run \S+\n  listed PNGs +5\n", p.out), p.out
+    assert all(line.startswith(("Run ", "  ")) for line in p.out.splitlines()), p.out
+
+
+def test_quiet_still_warns_about_conflicts(cli, http_seed, db):
+    http_seed(2)
+    put(http_seed.client, "avatar/u000.png", OTHER, bucket=DEST)
+    p = cli("--quiet")
+    assert p.code == 1
+    assert re.search(r"^WARNING conflict: avatar/u000\.png exists with different content",
+                     p.err, re.M), p.err
+    assert "INFO" not in p.err
+
+
+def test_log_file_has_the_run_id_and_the_summary(cli, http_seed, db, tmp_path):
+    http_seed(3)
+    log_file = tmp_path / "run.log"
+    p = cli("--quiet", "--log-file", str(log_file))
+    assert p.code == 0, p.err
+    rid = run_id_of(p.out)
+    text = log_file.read_text()
+    assert re.search(rf"INFO MainThread run {re.escape(rid)}: ", text), text
+    assert f"Run {rid}" in text  # the summary, at debug level
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", text)
+
+
+def run_in_pty(args: list[str], env: dict, cwd, timeout: float = 60) -> tuple[int, str]:
+    """move.py with stdin, stdout and stderr on a pseudo-terminal of 120x30."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                            close_fds=True)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError as exc:
+                if exc.errno == errno.EIO:  # the other side closed
+                    break
+                raise
+            if not data:
+                break
+            chunks.append(data)
+        code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_tty_shows_a_progress_bar(http_seed, dsn, db, tmp_path):
+    http_seed(60)
+    code, text = run_in_pty(move_cmd("--workers", "2"), subprocess_env(dsn), tmp_path)
+    assert code == 0, text
+    assert "migrating" in text
+    assert re.search(r"\bobj/s\]", text), text
+    assert re.search(r"100%\|", text), text  # the total arrived: a percentage
+    assert "60/60" in text
+    assert "\r" in text  # redrawn in place
+    assert stat(text.replace("\r", ""), "copied") == 60
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_log_file_and_report_hold_no_secrets(cli, http_seed, db, dsn, tmp_path):
+    password = "Pg-s3cret-Xq7"
+    secret_dsn = make_dsn(dsn, password=password)
+    http_seed(3)
+    put(http_seed.client, "avatar/u001.png", OTHER, bucket=DEST)  # a conflict, for the log
+    log_file, report = tmp_path / "run.log", tmp_path / "run.csv"
+    p = cli("--log-file", str(log_file), "--report", str(report), env={
+        "DB_CONN_STRING": secret_dsn})
+    assert p.code == 1, p.err  # the conflict
+    aws_secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    texts = {"log": log_file.read_text(), "report": report.read_text(),
+             "stdout": p.out, "stderr": p.err}
+    assert "conflict" in texts["log"] and "conflict" in texts["report"]
+    for name, text in texts.items():
+        assert password not in text, name
+        assert aws_secret not in text, name
+    # the same with the DSN in URI form and --db, and a database that refuses
+    uri = f"postgresql://postgres:{password}@127.0.0.1:1/nodb"
+    p = cli("--db", uri, "--log-file", str(log_file), "--report", str(report))
+    assert p.code == 2
+    assert "***" in p.err
+    for text in (log_file.read_text(), p.out, p.err):
+        assert password not in text and aws_secret not in text
