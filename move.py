@@ -123,7 +123,7 @@ def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: i
     off on throttling (503 SlowDown), 5xx and dropped connections.
     """
     config = Config(
-        retries={"mode": retry_mode, "max_attempts": max_attempts},
+        retries={"mode": retry_mode, "total_max_attempts": max_attempts},  # "max_attempts" = retries
         max_pool_connections=pool,
         connect_timeout=10,
         read_timeout=120,
@@ -1058,7 +1058,7 @@ def migrate(s3, copier, db: Database | None, cfg: Settings, reporter: Reporter,
                 item = done_q.get(timeout=0.2) if block else done_q.get_nowait()
             except queue.Empty:
                 if not block or stop.is_set():
-                    return
+                    break  # not return: the flush check below must run
                 if time.monotonic() - last_flush >= 1.0:
                     flush()
                 continue
@@ -1142,6 +1142,8 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event) -> int:
         interrupted = stop.is_set()
         if not interrupted:
             stats.rows_left_under_source, stats.rows_outside = db.table_counts()
+            if cfg.dry_run:  # the plan: what a real run would leave under the source prefix
+                stats.rows_left_under_source -= stats.rows_rewritten
     finally:
         reporter.close()
         db.close()
@@ -1150,7 +1152,7 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event) -> int:
     print(text, flush=True)
     if interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if stats.failed or stats.conflicts else EXIT_OK
+    return EXIT_FAILED if stats.failed or (stats.conflicts and not cfg.dry_run) else EXIT_OK
 
 
 def count_in_background(s3, copier, cfg: Settings, reporter: Reporter,
