@@ -720,6 +720,7 @@ class Database:
                     old_path text NOT NULL,
                     new_path text NOT NULL,
                     rows integer NOT NULL,
+                    tids tid[],
                     at timestamptz NOT NULL DEFAULT now(),
                     rolled_back_at timestamptz)""").format(self.journal))
             cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (run_id)").format(
@@ -766,51 +767,45 @@ class Database:
     def rewrite(self, pairs: list[tuple[str, str]]) -> dict[str, int]:
         """Compare-and-set: only rows still holding the old key change.
 
-        Returns rows rewritten per old key; each rewrite is journaled in the
-        same transaction, so --rollback knows exactly what this run did.
+        Returns rows rewritten per old key. Each rewrite is journaled in the
+        same transaction with the rewritten rows' ctids, so --rollback can
+        restore exactly the rows of one run.
         """
         if not pairs:
             return {}
-        olds = [o for o, _ in pairs]
-        news = [n for _, n in pairs]
 
         def run(cur):
-            params = {"olds": olds, "news": news, "run": self.run_id}
-            if self.plan_name == "snapshot":
-                update = sql.SQL("""
-                    s AS (SELECT p.tid, v.old, v.new FROM pg_temp.move_pending p
-                          JOIN v ON p.path = v.old),
-                    u AS (UPDATE {table} t SET {col} = s.new FROM s
-                          WHERE t.ctid = s.tid AND t.{col} = s.old RETURNING s.old, s.new)""")
-            else:
-                update = sql.SQL("""
-                    u AS (UPDATE {table} t SET {col} = v.new FROM v
-                          WHERE t.{col} = v.old RETURNING v.old, v.new)""")
-            cur.execute(sql.SQL("WITH v(old, new) AS "
-                                "(SELECT * FROM unnest(%(olds)s::text[], %(news)s::text[])), ")
-                        + update.format(table=self.table, col=self.col) + sql.SQL("""
-                    INSERT INTO {journal} (run_id, old_path, new_path, rows)
-                    SELECT %(run)s, old, new, count(*) FROM u GROUP BY old, new
-                    RETURNING old_path, rows""").format(journal=self.journal), params)
-            done = dict(cur.fetchall())
+            done = self._rewrite(cur, pairs, by_tid=self.plan_name == "snapshot")
             if self.plan_name == "snapshot":
                 # A row updated by someone else since the snapshot has a new
                 # ctid; reach those few by value.
                 missed = [(o, n) for o, n in pairs if o not in done]
                 if missed:
-                    cur.execute(sql.SQL("""
-                        WITH v(old, new) AS (SELECT * FROM unnest(%(olds)s::text[], %(news)s::text[])),
-                        u AS (UPDATE {table} t SET {col} = v.new FROM v WHERE t.{col} = v.old
-                              RETURNING v.old, v.new)
-                        INSERT INTO {journal} (run_id, old_path, new_path, rows)
-                        SELECT %(run)s, old, new, count(*) FROM u GROUP BY old, new
-                        RETURNING old_path, rows""").format(table=self.table, col=self.col,
-                                                             journal=self.journal),
-                        {"olds": [o for o, _ in missed], "news": [n for _, n in missed],
-                         "run": self.run_id})
-                    done.update(cur.fetchall())
+                    done.update(self._rewrite(cur, missed, by_tid=False))
             return done
         return self.retry(run)
+
+    def _rewrite(self, cur, pairs: list[tuple[str, str]], by_tid: bool) -> dict[str, int]:
+        if by_tid:
+            update = sql.SQL("""
+                s AS (SELECT p.tid, v.old, v.new FROM pg_temp.move_pending p
+                      JOIN v ON p.path = v.old),
+                u AS (UPDATE {table} t SET {col} = s.new FROM s
+                      WHERE t.ctid = s.tid AND t.{col} = s.old
+                      RETURNING s.old, s.new, t.ctid AS tid)""")
+        else:
+            update = sql.SQL("""
+                u AS (UPDATE {table} t SET {col} = v.new FROM v WHERE t.{col} = v.old
+                      RETURNING v.old, v.new, t.ctid AS tid)""")
+        cur.execute(sql.SQL("WITH v(old, new) AS "
+                            "(SELECT * FROM unnest(%(olds)s::text[], %(news)s::text[])), ")
+                    + update.format(table=self.table, col=self.col) + sql.SQL("""
+                INSERT INTO {journal} (run_id, old_path, new_path, rows, tids)
+                SELECT %(run)s, old, new, count(*), array_agg(tid) FROM u GROUP BY old, new
+                RETURNING old_path, rows""").format(journal=self.journal),
+                    {"olds": [o for o, _ in pairs], "news": [n for _, n in pairs],
+                     "run": self.run_id})
+        return dict(cur.fetchall())
 
     def table_counts(self) -> tuple[int, int]:
         """(rows still under the source prefix, rows under neither prefix): one scan."""
@@ -1320,12 +1315,29 @@ def rollback(s3, cfg: Settings, run: str) -> int:
         chunk = ok[start:start + cfg.batch_size]
 
         def undo(cur):
+            # The rows this run rewrote, by the ctid each got then; a row updated
+            # since has moved, and is found by value (as many as the run rewrote).
+            params = {"run": run, "olds": [o for o, _ in chunk]}
             cur.execute(sql.SQL("""
-                WITH v(old, new) AS (SELECT * FROM unnest(%(olds)s::text[], %(news)s::text[])),
-                u AS (UPDATE {table} t SET {col} = v.old FROM v WHERE t.{col} = v.new RETURNING 1)
-                SELECT count(*) FROM u""").format(table=db.table, col=db.col),
-                {"olds": [o for o, _ in chunk], "news": [n for _, n in chunk]})
-            n = cur.fetchone()[0]
+                WITH j AS (SELECT id, old_path, new_path, rows, tids FROM {journal}
+                           WHERE run_id = %(run)s AND rolled_back_at IS NULL
+                             AND old_path = ANY(%(olds)s)),
+                u AS (UPDATE {table} t SET {col} = j.old_path
+                      FROM j CROSS JOIN LATERAL unnest(j.tids) AS x(tid)
+                      WHERE t.ctid = x.tid AND t.{col} = j.new_path RETURNING j.id)
+                SELECT j.old_path, j.new_path, count(u.id), j.rows - count(u.id)
+                FROM j LEFT JOIN u ON u.id = j.id
+                GROUP BY j.id, j.old_path, j.new_path, j.rows""").format(
+                    journal=db.journal, table=db.table, col=db.col), params)
+            n = 0
+            for old, new, restored, left in cur.fetchall():
+                n += restored
+                if left > 0:
+                    cur.execute(sql.SQL("""
+                        UPDATE {table} SET {col} = %s WHERE ctid = ANY(ARRAY(
+                            SELECT ctid FROM {table} WHERE {col} = %s LIMIT %s))""").format(
+                            table=db.table, col=db.col), (old, new, left))
+                    n += cur.rowcount
             cur.execute(sql.SQL("UPDATE {} SET rolled_back_at = now() WHERE run_id = %s "
                                 "AND old_path = ANY(%s)").format(db.journal),
                         (run, [o for o, _ in chunk]))
