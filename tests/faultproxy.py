@@ -49,6 +49,13 @@ def error_body(code: str, message: str, resource: str) -> bytes:
             f"<RequestId>{uuid.uuid4().hex[:16].upper()}</RequestId></Error>").encode()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a client gone away (killed): fine
+        pass
+
+
 class FaultProxy:
     def __init__(self, upstream: str, rate: float = 0.1, seed: int = 0,
                  modes: tuple[str, ...] = MODES, fail_copy_keys: tuple[str, ...] = (),
@@ -65,7 +72,7 @@ class FaultProxy:
         self.stall_copies = threading.Event()
         self.release = threading.Event()
         self.stalled = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = _Server(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="faultproxy",
                                        daemon=True)
@@ -113,6 +120,7 @@ class FaultProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in separate writes
 
             def log_message(self, *args):  # quiet
                 pass
@@ -150,19 +158,34 @@ class FaultProxy:
                 except OSError:
                     pass
 
+            upstream = None  # one keep-alive connection per client connection
+
             def _forward(self, body: bytes):
-                conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
-                try:
-                    headers = {k: v for k, v in self.headers.items()
-                               if k.lower() not in HOP_BY_HOP}
-                    if body or self.command in ("PUT", "POST"):
-                        headers["Content-Length"] = str(len(body))
-                    conn.request(self.command, self.path, body=body or None, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                    return resp.status, resp.reason, resp.getheaders(), data
-                finally:
-                    conn.close()
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                if body or self.command in ("PUT", "POST"):
+                    headers["Content-Length"] = str(len(body))
+                for attempt in (1, 2):  # a stale keep-alive connection gets one fresh retry
+                    if self.upstream is None:
+                        self.upstream = http.client.HTTPConnection(*proxy.upstream, timeout=120)
+                    try:
+                        self.upstream.request(self.command, self.path, body=body or None,
+                                              headers=headers)
+                        resp = self.upstream.getresponse()
+                        data = resp.read()
+                        if resp.will_close:
+                            self.upstream.close()
+                            self.upstream = None
+                        return resp.status, resp.reason, resp.getheaders(), data
+                    except (http.client.HTTPException, OSError):
+                        self.upstream.close()
+                        self.upstream = None
+                        if attempt == 2:
+                            raise
+
+            def finish(self):
+                super().finish()
+                if self.upstream is not None:
+                    self.upstream.close()
 
             def _handle(self):
                 body = self._body()
@@ -188,7 +211,7 @@ class FaultProxy:
                     return
                 try:
                     status, reason, headers, data = self._forward(body)
-                except OSError:
+                except (http.client.HTTPException, OSError):
                     return self._drop()
                 if mode == DROP_AFTER:
                     return self._drop()
