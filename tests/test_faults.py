@@ -450,10 +450,17 @@ rests = st.lists(st.one_of(rest_short, rest_long), min_size=1, max_size=6,
 
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@example(["a b+c=d?e#f%20g.png", "x//y.PNG", "日本/😀 %.png",
+@example(rest_list=["a b+c=d?e#f%20g.png", "x//y.PNG", "日本/😀 %.png",
           "z" * (LIMIT - len("avatar/") - 4) + ".png"])
 @given(rest_list=rests)
 def test_hostile_keys(rest_list, run, s3, db):
+    """In-process (mock_aws), so the boto3 engine."""
+    hostile_setup(s3, db, rest_list)
+    assert run() == 0
+    hostile_check(s3, db, rest_list)
+
+
+def hostile_setup(s3, db, rest_list):
     for bucket in (SOURCE, DEST):  # fresh state for each example
         for k in keys(s3, bucket):
             s3.delete_object(Bucket=bucket, Key=k)
@@ -464,7 +471,23 @@ def test_hostile_keys(rest_list, run, s3, db):
     put(s3, "image/" + rest_list[0] + ".txt")  # not a PNG: left alone
     insert_rows(db, ["image/" + r for r in rest_list])
 
-    assert run() == 0
+
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@example(rest_list=["a b+c=d?e#f%20g.png", "x//y.PNG", "日本/😀 %.png", "../up.png", "./dot.png",
+                    "z" * (LIMIT - len("avatar/") - 4) + ".png"])
+@given(rest_list=rests)
+def test_hostile_keys_default_engine_over_http(rest_list, cli, client, db):
+    """move.py as a subprocess against the moto server: the default engine (the CRT when
+    installed), which builds its own CopyObject requests."""
+    hostile_setup(client, db, rest_list)
+    p = cli("--quiet")
+    assert p.code == 0, p.out + p.err
+    assert stat(p.out, "copied") == len(rest_list)
+    hostile_check(client, db, rest_list)
+
+
+def hostile_check(s3, db, rest_list):
     for r in rest_list:
         got = s3.get_object(Bucket=DEST, Key="avatar/" + r)["Body"].read()
         assert got == body_of(r), r
