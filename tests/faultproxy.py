@@ -2,8 +2,8 @@
 
 A ThreadingHTTPServer on 127.0.0.1 (port 0) in front of an S3 endpoint (the
 moto server). For a seeded random share of requests it answers 503 SlowDown or
-500 InternalError with an S3 XML error body, or drops the connection without
-answering (before forwarding, or after forwarding so the request took effect
+500 InternalError with an S3 XML error body (or, for CopyObject, 200 OK with an
+InternalError body, as S3 may), or drops the connection without answering (before forwarding, or after forwarding so the request took effect
 and only the answer is lost). Everything else is forwarded as is: method,
 path, query, headers and body.
 
@@ -31,6 +31,7 @@ SLOWDOWN = "slowdown"          # 503 SlowDown
 INTERNAL = "internal"          # 500 InternalError
 DROP_BEFORE = "drop-before"    # connection closed, request never reached S3
 DROP_AFTER = "drop-after"      # request reached S3, the answer is lost
+OK_ERROR = "200-error"         # CopyObject only: 200 OK whose body is an InternalError
 MODES = (SLOWDOWN, INTERNAL, DROP_BEFORE, DROP_AFTER)
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -59,11 +60,15 @@ class _Server(ThreadingHTTPServer):
 class FaultProxy:
     def __init__(self, upstream: str, rate: float = 0.1, seed: int = 0,
                  modes: tuple[str, ...] = MODES, fail_copy_keys: tuple[str, ...] = (),
-                 latency: float = 0.0):
+                 latency: float = 0.0, operations: tuple[str, ...] | None = None,
+                 fail_first: dict[str, int] | None = None):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.rate, self.modes, self.latency = rate, modes, latency
         self.fail_copy_keys = set(fail_copy_keys)
+        self.operations = operations  # only these get random faults (None: all)
+        self.fail_first = dict(fail_first or {})  # operation -> first n requests fail
+        self.seen: Counter = Counter()  # operation -> requests
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter = Counter()       # fault mode -> times injected
@@ -105,10 +110,18 @@ class FaultProxy:
     def _decide(self, operation: str, bucket_key: str) -> str | None:
         with self.lock:
             self.requests += 1
-            if operation == "CopyObject" and bucket_key.split("/", 1)[-1] in self.fail_copy_keys:
+            self.seen[operation] += 1
+            if self.seen[operation] <= self.fail_first.get(operation, 0):
+                mode = self.modes[(self.seen[operation] - 1) % len(self.modes)]
+                if mode == OK_ERROR and operation != "CopyObject":
+                    mode = INTERNAL
+            elif operation == "CopyObject" and bucket_key.split("/", 1)[-1] in self.fail_copy_keys:
                 mode = SLOWDOWN
-            elif self.rate and self.random.random() < self.rate:
+            elif (self.rate and (self.operations is None or operation in self.operations)
+                  and self.random.random() < self.rate):
                 mode = self.random.choice(self.modes)
+                if mode == OK_ERROR and operation != "CopyObject":
+                    mode = INTERNAL
             else:
                 return None
             self.counts[mode] += 1
@@ -144,9 +157,12 @@ class FaultProxy:
                 query = urlsplit(self.path).query
                 if self.command == "PUT" and "x-amz-copy-source" in self.headers:
                     return "CopyObject", path
-                if self.command == "GET" and "/" not in path.rstrip("/"):
+                bucket_only = "/" not in path.rstrip("/")
+                if self.command == "GET" and bucket_only:
                     return ("ListObjects" if "list-type" in query or not query else "GetBucket"), path
-                return f"{self.command}", path
+                if self.command == "HEAD":
+                    return ("HeadBucket" if bucket_only else "HeadObject"), path
+                return self.command, path
 
             def _drop(self) -> None:
                 self.close_connection = True
@@ -199,8 +215,8 @@ class FaultProxy:
                     threading.Event().wait(proxy.latency)
                 if mode == DROP_BEFORE:
                     return self._drop()
-                if mode in ERRORS:
-                    status, reason, code, message = ERRORS[mode]
+                if mode in ERRORS or mode == OK_ERROR:
+                    status, reason, code, message = ERRORS.get(mode, (200, "OK") + ERRORS[INTERNAL][2:])
                     data = error_body(code, message, "/" + bucket_key)
                     self.send_response_only(status, reason)
                     self.send_header("Content-Type", "application/xml")

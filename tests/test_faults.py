@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from psycopg2.extensions import make_dsn
 
 from conftest import DEST, PNG, SOURCE, ROOT, insert_rows, keys, move_cmd, put, rows, subprocess_env
-from faultproxy import DROP_AFTER, DROP_BEFORE, INTERNAL, SLOWDOWN, FaultProxy
+from faultproxy import DROP_AFTER, DROP_BEFORE, INTERNAL, OK_ERROR, SLOWDOWN, FaultProxy
 
 import move
 
@@ -215,6 +215,35 @@ def test_s3_one_key_always_failing_is_reported_and_rerun_finishes(engine, cli, d
     again = cli()  # healthy endpoint
     assert again.code == 0, again.out + again.err
     assert stat(again.out, "copied") == 1 and stat(again.out, "skipped (done)") == 19
+    assert_all_done(db, client, source_keys)
+
+
+@ENGINES
+def test_copy_answered_200_with_an_error_body_is_not_success(engine, cli, db, endpoint, client):
+    """S3 may answer CopyObject 200 OK and put the error in the body: the copy did not happen,
+    and a row rewritten on the strength of it would point at nothing."""
+    source_keys = seed(db, 200)
+    with FaultProxy(endpoint, rate=0.15, seed=11, modes=(OK_ERROR,),
+                    operations=("CopyObject",)) as proxy:
+        p = cli("--workers", "8", "--engine", engine, env={"AWS_ENDPOINT_URL": proxy.url})
+    assert proxy.counts[OK_ERROR] > 0
+    assert p.code == 0, p.out + p.err
+    assert_all_done(db, client, source_keys)
+
+
+def test_listing_and_bucket_checks_are_retried(cli, db, endpoint, client):
+    """The first requests of each kind fail: preflight HEADs, then source and destination
+    listing pages (several pages each, listed on prefetch threads)."""
+    source_keys = seed(db, 1500)
+    for k in source_keys[:1100]:  # a destination listing of two pages too
+        backend().put_object(DEST, "avatar/" + k[len("image/"):], body_of(k))
+    first = {"HeadBucket": 2, "ListObjects": 4}
+    with FaultProxy(endpoint, rate=0, fail_first=first) as proxy:
+        p = cli("--workers", "8", env={"AWS_ENDPOINT_URL": proxy.url})
+    assert p.code == 0, p.out + p.err
+    assert sum(proxy.by_operation[op, m] for op in first for m in proxy.modes) == 6
+    assert proxy.seen["ListObjects"] >= 2 + 2 + 4  # 2 + 2 pages, plus the failed attempts
+    assert stat(p.out, "copied") == 400 and stat(p.out, "rows only") == 1100
     assert_all_done(db, client, source_keys)
 
 
