@@ -61,7 +61,7 @@ class FaultProxy:
     def __init__(self, upstream: str, rate: float = 0.1, seed: int = 0,
                  modes: tuple[str, ...] = MODES, fail_copy_keys: tuple[str, ...] = (),
                  latency: float = 0.0, operations: tuple[str, ...] | None = None,
-                 fail_first: dict[str, int] | None = None):
+                 fail_first: dict[str, int] | None = None, max_key_bytes: int | None = None):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.rate, self.modes, self.latency = rate, modes, latency
@@ -69,6 +69,8 @@ class FaultProxy:
         self.operations = operations  # only these get random faults (None: all)
         self.fail_first = dict(fail_first or {})  # operation -> first n requests fail
         self.seen: Counter = Counter()  # operation -> requests
+        self.max_key_bytes = max_key_bytes  # S3 refuses longer keys (moto does not)
+        self.too_long = 0
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter = Counter()       # fault mode -> times injected
@@ -211,6 +213,18 @@ class FaultProxy:
                     with proxy.lock:
                         proxy.stalled += 1
                     proxy.release.wait(120)
+                key = bucket_key.split("/", 1)[1] if "/" in bucket_key else ""
+                if proxy.max_key_bytes and len(key.encode()) > proxy.max_key_bytes:
+                    with proxy.lock:
+                        proxy.too_long += 1
+                    data = error_body("KeyTooLongError", "Your key is too long", "/" + bucket_key)
+                    self.send_response_only(400, "Bad Request")
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                    return
                 if proxy.latency:
                     threading.Event().wait(proxy.latency)
                 if mode == DROP_BEFORE:

@@ -274,12 +274,15 @@ def restart_pg(server) -> None:
            pgdata=server.pgdata, user=server.system_user, timeout=90)
 
 
-def test_postgres_restart_mid_run(own_pg, endpoint, client, tmp_path):
+@pytest.mark.parametrize("row_plan", ["snapshot", "index"])
+def test_postgres_restart_mid_run(row_plan, own_pg, endpoint, client, tmp_path):
     dsn = own_pg.get_uri()
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("CREATE TABLE avatars (id SERIAL PRIMARY KEY, path VARCHAR)")
+        if row_plan == "index":
+            cur.execute("CREATE INDEX ON avatars (path)")
     source_keys = seed(conn, 2000)
     conn.close()
     before = postmaster_pid(own_pg.pgdata)
@@ -293,30 +296,35 @@ def test_postgres_restart_mid_run(own_pg, endpoint, client, tmp_path):
         finally:
             c.close()
 
-    # a little latency per S3 request keeps the run long enough to be cut mid-way
+    # a little latency per S3 request keeps the run long enough to be cut three times
+    restarts = []  # (rows rewritten, objects copied) at each restart
     with FaultProxy(endpoint, rate=0, latency=0.004) as proxy:
         run = Bg(tmp_path, dsn, "--batch-size", "50", "--workers", "4",
                  env={"AWS_ENDPOINT_URL": proxy.url})
-        run.wait_until(lambda: rewritten() >= 100, what="some rows rewritten")
-        copied_at_restart = dest_count()
-        restart_pg(own_pg)
-        at_restart = rewritten()
-        assert run.proc.poll() is None, "the run ended before the restart"
+        for threshold in (100, 800, 1400):
+            run.wait_until(lambda: rewritten() >= threshold, what=f"{threshold} rows rewritten")
+            copied = dest_count()
+            restart_pg(own_pg)
+            restarts.append((rewritten(), copied))
+            assert run.proc.poll() is None, "the run ended before the restart"
+            now = postmaster_pid(own_pg.pgdata)
+            assert now[0] != before[0], "the server did not restart"
+            assert now[3:5] == before[3:5], "the server came back on another port/socket"
+            before = now
         code = run.wait()
-    after = postmaster_pid(own_pg.pgdata)
-    assert after[0] != before[0], "the server did not restart"
-    assert after[3:5] == before[3:5], "the server came back on another port/socket"
     # rows were being rewritten batch by batch while copies were still under way
-    assert copied_at_restart < 2000 and at_restart < 2000
+    assert all(r < 2000 and c < 2000 for r, c in restarts), restarts
     assert code == 0, run.out + run.err
-    assert "database connection lost" in run.err  # the run really lived through it
+    # the run really lived through each restart
+    assert run.err.count("database connection lost") >= 3, run.err
+    assert f"row plan: {row_plan}" in run.out
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     try:
         assert_all_done(conn, client, source_keys)
     finally:
         conn.close()
-    print(f"\nPostgreSQL restarted with {at_restart}/2000 rows rewritten; "
+    print(f"\n{row_plan}: PostgreSQL restarted at (rows, copies) {restarts}; "
           f"reconnects: {run.err.count('database connection lost')}")
 
 
@@ -523,6 +531,27 @@ def hostile_check(s3, db, rest_list):
     assert sorted(keys(s3, DEST)) == sorted("avatar/" + r for r in rest_list)
     assert rows(db) == ["avatar/" + r for r in rest_list]
     assert len(keys(s3, SOURCE)) == len(rest_list) + 1  # sources kept
+
+
+@ENGINES
+def test_source_key_at_the_limit_has_no_legal_destination(engine, cli, db, endpoint, client):
+    """image/ -> avatar/ adds a byte: a 1,024-byte source key maps to a 1,025-byte key that S3
+    refuses (KeyTooLongError; the proxy enforces S3's limit, moto does not). That object fails,
+    its row stays put, the rest moves."""
+    longest = "image/" + "k" * (LIMIT - len("image/") - 4) + ".png"
+    assert len(longest.encode()) == LIMIT
+    source_keys = seed(db, 5) + [longest]
+    backend().put_object(SOURCE, longest, body_of(longest))
+    insert_rows(db, [longest])
+    with FaultProxy(endpoint, rate=0, max_key_bytes=LIMIT) as proxy:
+        p = cli("--engine", engine, "--max-attempts", "2", env={"AWS_ENDPOINT_URL": proxy.url})
+    assert proxy.too_long >= 1
+    assert p.code == 1, p.out + p.err
+    assert stat(p.out, "failed") == 1 and stat(p.out, "copied") == 5
+    assert "KeyTooLong" in p.err
+    assert rows(db)[-1] == longest
+    rewritten, copies = check_invariant(db, client, source_keys)
+    assert rewritten == copies == 5
 
 
 # --------------------------------------------------------------------------- 6. secrets
