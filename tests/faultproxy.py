@@ -3,18 +3,25 @@
 A ThreadingHTTPServer on 127.0.0.1 (port 0) in front of an S3 endpoint (the
 moto server). For a seeded random share of requests it answers 503 SlowDown or
 500 InternalError with an S3 XML error body (or, for CopyObject, 200 OK with an
-InternalError body, as S3 may), or drops the connection without answering (before forwarding, or after forwarding so the request took effect
-and only the answer is lost). Everything else is forwarded as is: method,
-path, query, headers and body.
+InternalError body, as S3 may), or drops the connection without answering:
+before forwarding, or after forwarding, so the request took effect and only
+the answer is lost. Everything else is forwarded as is: method, path, query,
+headers and body.
 
     with FaultProxy(upstream, rate=0.1, seed=7) as proxy:
         env["AWS_ENDPOINT_URL"] = proxy.url
         ...
     assert proxy.injected() > 0
 
-Also, for targeted faults: `fail_copy_keys` makes every CopyObject to those
-destination keys fail (503 SlowDown), and `stall_copies` (an Event) holds
-CopyObject requests until `release` is set, then forwards them.
+Targeted faults:
+  operations      random faults only for these operations (CopyObject, HeadBucket,
+                  HeadObject, ListObjects, ...)
+  fail_first      {operation: n}: the first n requests of that operation fail
+  fail_copy_keys  every CopyObject to these destination keys fails (503 SlowDown)
+  max_key_bytes   refuse longer keys with 400 KeyTooLongError, as S3 does (moto doesn't)
+  latency         seconds added to every request
+  stall_copies    an Event: once set, CopyObject requests wait for `release`, then
+                  are forwarded (copies that land after their client is gone)
 """
 from __future__ import annotations
 
