@@ -432,10 +432,12 @@ def test_second_sigint_exits_at_once(db, dsn, endpoint, client, tmp_path):
     print(f"\nsecond SIGINT: exit 130 after {took:.2f}s")
 
 
-def test_sigterm_abandons_stuck_copies_after_5s(db, dsn, endpoint, client, tmp_path):
+@ENGINES
+def test_sigterm_abandons_stuck_copies_after_5s(engine, db, dsn, endpoint, client, tmp_path):
     source_keys = seed(db, 1000)
     with FaultProxy(endpoint, rate=0) as proxy:
-        run = Bg(tmp_path, dsn, "--workers", "4", env={"AWS_ENDPOINT_URL": proxy.url})
+        run = Bg(tmp_path, dsn, "--workers", "4", "--engine", engine,
+                 env={"AWS_ENDPOINT_URL": proxy.url})
         run.wait_until(lambda: dest_count() >= 100, what="copies under way")
         proxy.stall_copies.set()
         run.wait_until(lambda: proxy.stalled >= 4, what="copies stalled")
