@@ -602,6 +602,9 @@ def describe_error(exc: BaseException) -> str:
 DB_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
 
+JOURNAL_COLUMNS = {"id", "run_id", "old_path", "new_path", "rows", "tids", "at", "rolled_back_at"}
+
+
 class Database:
     """Row lookups and compare-and-set rewrites, in batches, on one connection.
 
@@ -712,7 +715,7 @@ class Database:
 
         def create(cur):
             if exists(cur):
-                return
+                return upgrade(cur)
             cur.execute(sql.SQL("""
                 CREATE TABLE IF NOT EXISTS {} (
                     id bigserial PRIMARY KEY,
@@ -725,8 +728,32 @@ class Database:
                     rolled_back_at timestamptz)""").format(self.journal))
             cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (run_id)").format(
                 sql.Identifier(self.journal.strings[-1] + "_run_idx"), self.journal))
+        def upgrade(cur):
+            # A journal made by an earlier version (or an old deploy/prepare.sql)
+            # lacks the row ids that rollback restores by.
+            cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                        "AND attnum > 0 AND NOT attisdropped", (self.journal.as_string(cur),))
+            missing = JOURNAL_COLUMNS - {name for (name,) in cur.fetchall()}
+            if missing - {"tids"}:
+                raise UsageError(f"table {self.journal.strings[-1]!r} exists but is not move.py's "
+                                 f"journal (no column {', '.join(sorted(missing))}); rename it, or "
+                                 "recreate it with deploy/prepare.sql")
+            if missing:
+                log.info("adding column tids to the journal %s", self.journal.strings[-1])
+                try:
+                    cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS tids tid[]")
+                                .format(self.journal))
+                except psycopg2.errors.InsufficientPrivilege:
+                    raise UsageError(f"the journal {self.journal.strings[-1]!r} predates column "
+                                     "tids and this role cannot add it; as its owner run: "
+                                     f"ALTER TABLE {self.journal.as_string(cur)} "
+                                     "ADD COLUMN tids tid[]") from None
         try:
             self.retry(create)
+        except psycopg2.errors.InsufficientPrivilege as exc:
+            raise UsageError(f"cannot create the journal {self.journal.strings[-1]!r}: "
+                             f"{first_line(exc)}; grant CREATE on the schema, or create it "
+                             "first with deploy/prepare.sql") from None
         except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable):
             # Another shard created it between our check and our CREATE.
             self.conn.rollback()

@@ -4,9 +4,9 @@
 -- move.py creates its journal (<table>_move_journal) itself with CREATE TABLE
 -- IF NOT EXISTS. N shards starting at the same moment race on that statement
 -- and all but one fail (duplicate key in pg_class) on their first attempt.
--- Creating it here first avoids the race. It must be owned by the role move.py
--- runs as, and that role still needs CREATE on the schema (PostgreSQL checks
--- it even when the table already exists). Same DDL as move.py's ensure_journal.
+-- Creating it here first avoids the race, and lets move.py run as a role
+-- without CREATE on the schema: it then needs only SELECT, INSERT and UPDATE on
+-- the journal (and USAGE on its id sequence). Same DDL as move.py's ensure_journal.
 
 CREATE TABLE IF NOT EXISTS avatars_move_journal (
     id bigserial PRIMARY KEY,
@@ -14,6 +14,7 @@ CREATE TABLE IF NOT EXISTS avatars_move_journal (
     old_path text NOT NULL,
     new_path text NOT NULL,
     rows integer NOT NULL,
+    tids tid[],
     at timestamptz NOT NULL DEFAULT now(),
     rolled_back_at timestamptz);
 CREATE INDEX IF NOT EXISTS avatars_move_journal_run_idx ON avatars_move_journal (run_id);

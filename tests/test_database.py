@@ -68,3 +68,80 @@ def test_existing_journal_needs_no_create_privilege(db, dsn):
         with db.cursor() as cur:
             cur.execute(f"DROP OWNED BY {role}")
             cur.execute(f"DROP ROLE {role}")
+
+
+OLD_JOURNAL = """CREATE TABLE avatars_move_journal (
+    id bigserial PRIMARY KEY, run_id text NOT NULL, old_path text NOT NULL,
+    new_path text NOT NULL, rows integer NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(), rolled_back_at timestamptz)"""
+
+
+def journal_columns(conn) -> set[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT column_name FROM information_schema.columns "
+                    "WHERE table_name = 'avatars_move_journal'")
+        return {name for (name,) in cur.fetchall()}
+
+
+def test_journal_from_an_earlier_version_gets_its_row_ids_column(db, dsn):
+    """A journal made by an earlier move.py (or prepare.sql) had no tids: the
+    run adds the column and then journals rewrites, instead of failing on
+    every batch."""
+    with db.cursor() as cur:
+        cur.execute(OLD_JOURNAL)
+        cur.execute("INSERT INTO avatars (path) VALUES ('image/a.png')")
+    d = move.Database(settings(dsn), "upgrade")
+    d.ensure_journal()
+    assert d.rewrite([("image/a.png", "avatar/a.png")]) == {"image/a.png": 1}
+    d.close()
+    assert journal_columns(db) == move.JOURNAL_COLUMNS
+    with db.cursor() as cur:
+        cur.execute("SELECT old_path, cardinality(tids) FROM avatars_move_journal")
+        assert cur.fetchall() == [("image/a.png", 1)]
+
+
+def test_old_journal_the_role_cannot_alter_is_a_clear_usage_error(db, dsn):
+    with db.cursor() as cur:
+        cur.execute(OLD_JOURNAL)
+    role = "migrator_" + uuid.uuid4().hex[:8]
+    with db.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role} LOGIN")
+        cur.execute(f"GRANT SELECT, UPDATE ON avatars TO {role}")
+        cur.execute(f"GRANT SELECT, INSERT, UPDATE ON avatars_move_journal TO {role}")
+    limited = move.Database(settings(psycopg2.extensions.make_dsn(dsn, user=role)), "r")
+    try:
+        limited.preflight()
+        try:
+            limited.ensure_journal()
+            raise AssertionError("expected a UsageError")
+        except move.UsageError as exc:
+            assert "ADD COLUMN tids tid[]" in str(exc) and "owner" in str(exc)
+    finally:
+        limited.close()
+        with db.cursor() as cur:
+            cur.execute(f"DROP OWNED BY {role}")
+            cur.execute(f"DROP ROLE {role}")
+    assert "tids" not in journal_columns(db)
+
+
+def test_no_journal_and_no_create_privilege_says_what_to_grant(db, dsn):
+    role = "migrator_" + uuid.uuid4().hex[:8]
+    with db.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role} LOGIN")
+        cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        cur.execute(f"GRANT SELECT, UPDATE ON avatars TO {role}")
+    limited = move.Database(settings(psycopg2.extensions.make_dsn(dsn, user=role)), "r")
+    try:
+        limited.preflight()
+        try:
+            limited.ensure_journal()
+            raise AssertionError("expected a UsageError")
+        except move.UsageError as exc:
+            assert "grant CREATE on the schema" in str(exc)
+            assert "deploy/prepare.sql" in str(exc)
+    finally:
+        limited.close()
+        with db.cursor() as cur:
+            cur.execute(f"DROP OWNED BY {role}")
+            cur.execute(f"DROP ROLE {role}")
+    assert not journal_exists(db)

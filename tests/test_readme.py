@@ -105,7 +105,7 @@ def test_scripts_and_flags_shown_exist(doc):
 
 def test_every_flag_named_in_readme_exists():
     """Also the ones in the prose: `--shard I/N`, `--create-index`, ..."""
-    known = help_flags("move.py") | help_flags("seed/seeder.py")
+    known = help_flags("move.py") | help_flags("seed/seeder.py") | help_flags("bench/run.py")
     text = README.read_text(encoding="utf-8")
     usage = load_updater().usage_block(text)
     text = text.replace(usage, "")
@@ -220,6 +220,9 @@ def test_prepare_sql_matches_the_journal_move_creates(dsn):
     with conn.cursor() as cur:
         cur.execute("CREATE TABLE avatars (id SERIAL PRIMARY KEY, path VARCHAR)")
         cur.execute(sql_text)
+        cur.execute("SELECT column_name FROM information_schema.columns "
+                    "WHERE table_name = 'avatars_move_journal'")
+        assert {name for (name,) in cur.fetchall()} == move.JOURNAL_COLUMNS
         cur.execute("INSERT INTO avatars (path) VALUES ('image/a.png')")
     cfg = move.Settings(db=dsn, source_bucket="legacy-s3", dest_bucket="production-s3",
                         source_prefix="image/", dest_prefix="avatar/", table="avatars",
