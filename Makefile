@@ -23,3 +23,25 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache
+
+## make bench [N=5000] [SIZES=5000,50000]: time move.py against s5cmd, rclone,
+## aws s3 cp and the first sketch on a throwaway SeaweedFS + PostgreSQL on
+## 127.0.0.1; prints a Markdown table and writes it into README.md
+.PHONY: bench
+N ?= 5000
+SIZES ?=
+BENCH_STAMP := $(VENV)/.installed-bench
+AWSCLI_VENV := .venv-bench-awscli
+
+bench: $(BENCH_STAMP) $(AWSCLI_VENV)/.installed
+	$(PY) bench/run.py -n $(N) --table-scale $(if $(SIZES),--sizes $(SIZES)) --aws $(AWSCLI_VENV)/bin/aws
+
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(PY) -m pip install -q -r bench/requirements.txt
+	touch $@
+
+$(AWSCLI_VENV)/.installed: bench/requirements-awscli.txt
+	$(PYTHON) -m venv $(AWSCLI_VENV)
+	$(AWSCLI_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AWSCLI_VENV)/bin/python -m pip install -q -r bench/requirements-awscli.txt
+	touch $@
