@@ -10,7 +10,7 @@ launcher, the floor is only the launcher's few MiB (bench/run.py measures it
 and reports it). os.wait4 gives the child's ru_maxrss, which covers the
 child and the grandchildren it waited for.
 
-OUT gets one line: "<seconds> <ru_maxrss KiB> <exit code>". The launcher
+OUT gets one line: "<seconds> <ru_maxrss KiB> <exit code> <user+system CPU seconds>". The launcher
 exits with the command's exit code.
 """
 import os
@@ -31,8 +31,9 @@ def main() -> int:
     _, status, usage = os.wait4(pid, 0)
     seconds = time.monotonic() - started
     code = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
     with open(out, "w") as f:
-        f.write(f"{seconds:.6f} {usage.ru_maxrss} {code}\n")
+        f.write(f"{seconds:.6f} {usage.ru_maxrss} {code} {cpu:.3f}\n")
     return code if code >= 0 else 128 - code
 
 

@@ -149,6 +149,7 @@ class Weed:
                                          start_new_session=True)
             self.endpoint = f"http://127.0.0.1:{p['s3']}"
             if self._wait_ready(90):
+                SERVER_PIDS[:] = [self.proc.pid]
                 return
             self.stop()
             progress(f"weed mini did not come up (attempt {attempt + 1}), see "
@@ -315,6 +316,8 @@ class Run:
     rss_kib: int
     rc: int
     output: str
+    cpu: float | None = None         # the tool's user + system CPU seconds
+    server_cpu: float | None = None  # SeaweedFS's CPU seconds during the run
 
 
 MEASURE = Path(__file__).resolve().parent / "measure.py"
@@ -327,6 +330,7 @@ def run_tool(name: str, argv: list[str], env: dict, cwd: Path, logdir: Path,
     log_path = logdir / f"{name}.log"
     stats_path = cwd / f"{name}.rusage"
     progress(f"{name}: {' '.join(argv[:6])}{' ...' if len(argv) > 6 else ''}")
+    server_before = server_cpu()
     with open(log_path, "w") as out:
         proc = subprocess.Popen([sys.executable, "-S", "-I", str(MEASURE), str(stats_path)]
                                 + argv, stdout=out, stderr=subprocess.STDOUT,
@@ -342,18 +346,36 @@ def run_tool(name: str, argv: list[str], env: dict, cwd: Path, logdir: Path,
             stop_process(proc.pid, grace=10)
             proc.returncode = -1
             raise
+    server_after = server_cpu()
     output = log_path.read_text(errors="replace")
     try:
-        seconds_s, rss_s, rc_s = stats_path.read_text().split()
-        seconds, rss_kib, rc = float(seconds_s), int(rss_s), int(rc_s)
+        seconds_s, rss_s, rc_s, cpu_s = stats_path.read_text().split()
+        seconds, rss_kib, rc, cpu = float(seconds_s), int(rss_s), int(rc_s), float(cpu_s)
     except (OSError, ValueError):
         raise BenchError(f"{name}: no measurement (exit {proc.returncode}): "
                          f"{tail(output)}") from None
     stats_path.unlink()
     shown = log_path.relative_to(ROOT) if log_path.is_relative_to(ROOT) else log_path
-    progress(f"{name}: exit {rc}, {seconds:.2f}s, peak RSS {rss_kib / 1024:.0f} MiB "
-             f"(log {shown})")
-    return Run(seconds, rss_kib, rc, output)
+    server = (server_after - server_before
+              if server_before is not None and server_after is not None else None)
+    progress(f"{name}: exit {rc}, {seconds:.2f}s, CPU {cpu:.2f}s (S3 server "
+             f"{fmt(server)}s), peak RSS {rss_kib / 1024:.0f} MiB (log {shown})")
+    return Run(seconds, rss_kib, rc, output, cpu, server)
+
+
+SERVER_PIDS: list[int] = []  # SeaweedFS, once started
+
+
+def server_cpu() -> float | None:
+    """CPU seconds SeaweedFS has used so far (user + system, from /proc)."""
+    total = 0.0
+    for pid in SERVER_PIDS:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total if SERVER_PIDS else None
 
 
 def tail(text: str, n: int = 3) -> str:
@@ -418,6 +440,13 @@ class Row:
     notes: list[str] = field(default_factory=list)
     ok: bool = True
     spread: tuple[float, float] | None = None  # fastest and slowest of the rounds
+    cpu: float | None = None
+    server_cpu: float | None = None
+    keeps: tuple[bool, bool] | None = None  # content type, user metadata kept
+
+    def took(self, run: "Run") -> "Row":
+        self.cpu, self.server_cpu = run.cpu, run.server_cpu
+        return self
 
     @property
     def rate(self) -> float | None:
@@ -445,6 +474,10 @@ def combine(rounds: list[list[Row]]) -> list[Row]:
             if r.rc or not r.ok or r.moved != first.moved:
                 row.notes += [f"(round {i}) {n}" for n in r.notes]
         row.spread = (min(secs), max(secs)) if len(secs) > 1 else None
+        row.keeps = first.keeps
+        for attr in ("cpu", "server_cpu"):
+            vals = [getattr(r, attr) for r in same if getattr(r, attr) is not None]
+            setattr(row, attr, statistics.median(vals) if vals else None)
         out.append(row)
     return out
 
@@ -467,12 +500,15 @@ def markdown(ctx: dict, rows: list[Row], rerun: dict | None, scale: dict | None,
            f"server-side from the same seeded source; the destination is emptied and the "
            f"rows reset between tools. Peak RSS is the tool process's high-water mark "
            f"(wait4 of the process and the children it waited for; a launcher running "
-           f"`true` measures {ctx['floor'] / 1024:.0f} MiB, the floor)."
+           f"`true` measures {ctx['floor'] / 1024:.0f} MiB, the floor). CPU is the tool's "
+           f"user + system seconds (wait4), S3 server CPU what SeaweedFS spent meanwhile "
+           f"(/proc): on 2 cores the two compete, so a tool's own CPU slows the server."
            + (f" Each tool ran {ctx['repeat']} times, in rounds: wall time is the median "
               f"(fastest-slowest), peak RSS the highest." if ctx["repeat"] > 1 else ""), ""]
     out += ["| Tool | Does | Objects in destination | Wall time (s) | Objects/s "
-            "| Time vs move.py | Peak RSS (MiB) | Rows rewritten |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+            "| Time vs move.py | CPU (s) | S3 server CPU (s) | Peak RSS (MiB) | Rows rewritten "
+            "| Keeps type / metadata |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ratio = (f"{r.seconds / move.seconds:.2f}x" if move and r.seconds else "n/a")
         moved = "n/a" if r.moved is None else f"{r.moved:,}"
@@ -483,7 +519,9 @@ def markdown(ctx: dict, rows: list[Row], rerun: dict | None, scale: dict | None,
         spread = f" ({r.spread[0]:.2f}-{r.spread[1]:.2f})" if r.spread else ""
         out.append(f"| {r.tool} | {r.what} | {moved} | {fmt(r.seconds)}{spread} "
                    f"| {fmt(r.rate, '.0f')} "
-                   f"| {ratio} | {fmt(r.rss_kib and r.rss_kib / 1024, '.0f')} | {r.rows} |")
+                   f"| {ratio} | {fmt(r.cpu)} | {fmt(r.server_cpu)} "
+                   f"| {fmt(r.rss_kib and r.rss_kib / 1024, '.0f')} | {r.rows} "
+                   f"| {'/'.join('yes' if k else '**no**' for k in r.keeps) if r.keeps else 'n/a'} |")
     out.append("")
     notes = [f"- {r.tool}: {n}" for r in rows for n in r.notes]
     if notes:
@@ -612,8 +650,8 @@ class Bench:
         if extra:
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda ik: self.s3.put_object(
-                    Bucket=bucket, Key=ik[1], Body=png(ik[0]), ContentType="image/png"),
-                    enumerate(extra)))
+                    Bucket=bucket, Key=ik[1], Body=png(ik[0]), ContentType="image/png",
+                    Metadata={"avatar-owner": f"user-{ik[0]}"}), enumerate(extra)))
             import psycopg2
             from psycopg2.extras import execute_values
             conn = psycopg2.connect(dsn)
@@ -623,6 +661,7 @@ class Bench:
             conn.close()
         if name == "main":
             self.nested = nested
+            self.with_metadata = extra[:3]
 
     # -- checks
     def check_dest(self, row: Row, expected: set[str]) -> None:
@@ -637,6 +676,17 @@ class Bench:
                                  f"{sorted(missing)[0]}")
             if extra:
                 row.notes.append(f"{len(extra):,} unexpected keys, e.g. {sorted(extra)[0]}")
+        kept = []
+        for key in getattr(self, "with_metadata", []):
+            src = self.s3.head_object(Bucket=SOURCE, Key=key)
+            try:
+                dst = self.s3.head_object(Bucket=DEST, Key=DST_PREFIX + key[len(SRC_PREFIX):])
+            except Exception:
+                continue
+            kept.append((src.get("ContentType") == dst.get("ContentType"),
+                         src.get("Metadata") == dst.get("Metadata")))
+        if kept:
+            row.keeps = all(t for t, _ in kept), all(m for _, m in kept)
         progress(f"{row.tool}: destination holds {len(keys):,} objects"
                  + ("" if row.ok else " (NOT the expected keys)"))
 
@@ -647,9 +697,9 @@ class Bench:
     # -- the tools
     def move(self, rows: list[Row]) -> dict | None:
         env = self.env()
-        argv = [sys.executable, str(ROOT / "move.py")]
+        argv = [sys.executable, str(ROOT / "move.py"), *self.args.move_args.split()]
         r1 = run_tool("move", argv, env, self.workdir, self.logdir, self.timeout(self.n))
-        row = Row("move.py", "copy + rewrite rows", r1.seconds, None, self.n, r1.rss_kib, r1.rc)
+        row = Row("move.py", "copy + rewrite rows", r1.seconds, None, self.n, r1.rss_kib, r1.rc).took(r1)
         self.check_dest(row, self.expected)
         img, ava, _ = row_counts(self.dsn)
         row.rows = f"{ava:,}"
@@ -659,7 +709,8 @@ class Bench:
             row.notes.append(f"exit {r1.rc}: {tail(r1.output)}")
         m = re.search(r"row plan: (\w+)", r1.output)
         req = re.search(r"S3 requests:\s*(\d+)", r1.output)
-        row.notes.append(f"default settings (32 workers{', row plan ' + m.group(1) if m else ''}"
+        settings = self.args.move_args or "default settings (32 workers)"
+        row.notes.append(f"{settings}, row plan {m.group(1) if m else '?'}"
                          f"{', ' + req.group(1) + ' S3 requests' if req else ''}).")
         rows.append(row)
         rerun = None
@@ -673,7 +724,7 @@ class Bench:
                      "copied": copied.group(1) if copied else "n/a", "rc": r2.rc,
                      "rss_kib": r2.rss_kib}
             rrow = Row("move.py, rerun", "rerun of the finished migration", r2.seconds, None,
-                       self.n, r2.rss_kib, r2.rc)
+                       self.n, r2.rss_kib, r2.rc).took(r2)
             self.check_dest(rrow, self.expected)
             img, ava, _ = row_counts(self.dsn)
             rrow.rows = f"{ava:,} (total)"
@@ -692,7 +743,7 @@ class Bench:
         argv = [binary, "--endpoint-url", self.weed.endpoint, "cp",
                 f"s3://{SOURCE}/{SRC_PREFIX}*", f"s3://{DEST}/{DST_PREFIX}"]
         r = run_tool("s5cmd", argv, self.env(), self.workdir, self.logdir, self.timeout(self.n))
-        row = Row("s5cmd cp", "copy only", r.seconds, None, self.n, r.rss_kib, r.rc)
+        row = Row("s5cmd cp", "copy only", r.seconds, None, self.n, r.rss_kib, r.rc).took(r)
         row.notes.append("default 256 workers; the wildcard keeps sub-folders below image/.")
         if r.rc != 0:
             row.notes.append(f"exit {r.rc}: {tail(r.output)}")
@@ -719,7 +770,7 @@ class Bench:
                 f"bench:{DEST}/{DST_PREFIX.rstrip('/')}", "--transfers", str(t),
                 "--checkers", str(t), "--stats", "0", "--log-level", "INFO"]
         r = run_tool("rclone", argv, env, self.workdir, self.logdir, self.timeout(self.n))
-        row = Row("rclone copy", "copy only", r.seconds, None, self.n, r.rss_kib, r.rc)
+        row = Row("rclone copy", "copy only", r.seconds, None, self.n, r.rss_kib, r.rc).took(r)
         server_side = r.output.count("(server-side copy)")
         row.notes.append(f"{t} transfers and {t} checkers (defaults 4 and 8, like move.py's 32 "
                          f"workers); {server_side:,} copies logged as server-side.")
@@ -738,7 +789,7 @@ class Bench:
         argv = [binary, "--endpoint-url", self.weed.endpoint, "s3", "cp", "--recursive",
                 "--only-show-errors", f"s3://{SOURCE}/{SRC_PREFIX}", f"s3://{DEST}/{DST_PREFIX}"]
         r = run_tool("aws", argv, self.env(), self.workdir, self.logdir, self.timeout(self.n))
-        row = Row("aws s3 cp", "copy only (recursive)", r.seconds, None, self.n, r.rss_kib, r.rc)
+        row = Row("aws s3 cp", "copy only (recursive)", r.seconds, None, self.n, r.rss_kib, r.rc).took(r)
         row.notes.append("default 10 concurrent requests.")
         if r.rc != 0:
             row.notes.append(f"exit {r.rc}: {tail(r.output)}")
@@ -752,7 +803,7 @@ class Bench:
         listed = re.search(r"listed (\d+)", r.output)
         expected = int(listed.group(1)) if listed else min(self.n, 1000)
         row = Row("first sketch", "1 listing, thread per object, SELECT+UPDATE per object",
-                  r.seconds, None, self.n, r.rss_kib, r.rc)
+                  r.seconds, None, self.n, r.rss_kib, r.rc).took(r)
         keys = list_keys(self.s3, DEST)
         row.moved = len(keys)
         img, ava, _ = row_counts(self.dsn)
@@ -795,7 +846,7 @@ class Bench:
             r = run_tool(f"move-table-{name}", [sys.executable, str(ROOT / "move.py")],
                          self.env(dsn, bucket), self.workdir, self.logdir, self.timeout(m))
             plan = re.search(r"row plan: (\w+)", r.output)
-            row = Row(f"move.py ({name} table)", "", r.seconds, None, m, r.rss_kib, r.rc)
+            row = Row(f"move.py ({name} table)", "", r.seconds, None, m, r.rss_kib, r.rc).took(r)
             self.check_dest(row, expected)
             img, ava, _ = row_counts(dsn)
             if r.rc != 0 or ava != m or not row.ok:
@@ -987,6 +1038,8 @@ def parse_args(argv=None):
     p.add_argument("--scale-objects", type=int, default=1000)
     p.add_argument("--sizes", default="",
                    help="memory check: move.py's peak RSS at each size, e.g. 5000,50000")
+    p.add_argument("--move-args", default="",
+                   help="extra move.py arguments, e.g. '--workers 64' (default: none)")
     p.add_argument("--rclone-transfers", type=int, default=32)
     p.add_argument("--aws", help="the aws executable (default .venv-bench-awscli/bin/aws)")
     p.add_argument("--repeat", type=int, default=None,
