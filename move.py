@@ -395,6 +395,9 @@ def copy_one(s3, copier, item: Item, cfg: Settings) -> Item:
         item.action = "copied"
     except (ClientError, BotoCoreError, LookupError, OSError, S3RequestError) as exc:
         item.action, item.error = "failed", describe_error(exc)
+    except Exception as exc:  # a bug must fail this object, not hang the coordinator
+        log.debug("unexpected error copying %s", item.src.key, exc_info=True)
+        item.action, item.error = "failed", f"unexpected {type(exc).__name__}: {exc}"
     return item
 
 
@@ -564,7 +567,10 @@ def copy_async(copier: CrtClient, item: Item, cfg: Settings, done: Callable[[Ite
             item.action = "copied"
             item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag))
         done(item)
-    copier.start(cfg.source_bucket, item.src.key, cfg.dest_bucket, item.dest_key, finished)
+    try:
+        copier.start(cfg.source_bucket, item.src.key, cfg.dest_bucket, item.dest_key, finished)
+    except Exception as exc:  # refused before sending (e.g. by the CRT): fail this object
+        finished(None, f"{type(exc).__name__}: {exc}")
 
 
 def make_copier(s3, cfg: Settings):

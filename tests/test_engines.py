@@ -110,3 +110,24 @@ def test_unordered_listing_falls_back_to_checking_each_destination(s3, db, run, 
     assert s3.get_object(Bucket=DEST, Key="avatar/a-c.png")["Body"].read() == b"different"
     assert s3.get_object(Bucket=DEST, Key="avatar/a/b.png")["Body"].read() == b"same"
     assert rows(db) == ["image/a-c.png", "avatar/a/b.png"]
+
+
+def test_an_unexpected_error_in_one_copy_fails_that_object_and_the_run_ends(s3, db, run,
+                                                                             monkeypatch, capsys):
+    """A bug in a copy must not leave the coordinator waiting forever for it."""
+    for k in ["image/a.png", "image/boom.png", "image/c.png"]:
+        s3.put_object(Bucket=SOURCE, Key=k, Body=b"png")
+    insert_rows(db, ["image/a.png", "image/boom.png", "image/c.png"])
+    real = move.Boto3Copier.copy
+
+    def flaky(self, src_bucket, src_key, dst_bucket, dst_key):
+        if src_key == "image/boom.png":
+            raise RuntimeError("simulated bug")
+        return real(self, src_bucket, src_key, dst_bucket, dst_key)
+    monkeypatch.setattr(move.Boto3Copier, "copy", flaky)
+
+    assert run() == 1
+    err = capsys.readouterr().err
+    assert "image/boom.png" in err and "simulated bug" in err
+    assert keys(s3, DEST) == ["avatar/a.png", "avatar/c.png"]
+    assert rows(db) == ["avatar/a.png", "image/boom.png", "avatar/c.png"]
