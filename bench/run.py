@@ -734,6 +734,19 @@ class Bench:
         self.reset()
         return rerun
 
+    def move_boto3(self, rows: list[Row]) -> None:
+        """move.py with its fallback engine: every request through botocore."""
+        r = run_tool("move-boto3", [sys.executable, str(ROOT / "move.py"), "--engine", "boto3"],
+                     self.env(), self.workdir, self.logdir, self.timeout(self.n))
+        row = Row("move.py --engine boto3", "copy + rewrite rows", r.seconds, None, self.n,
+                  r.rss_kib, r.rc).took(r)
+        self.check_dest(row, self.expected)
+        row.rows = f"{row_counts(self.dsn)[1]:,}"
+        if r.rc != 0:
+            row.notes.append(f"exit {r.rc}: {tail(r.output)}")
+        rows.append(row)
+        self.reset()
+
     def s5cmd(self, rows: list[Row]) -> None:
         binary = s5cmd_binary()
         if not binary:
@@ -1021,7 +1034,7 @@ class Bench:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-TOOLS = ("move", "s5cmd", "rclone", "aws", "naive")
+TOOLS = ("move", "move_boto3", "s5cmd", "rclone", "aws", "naive")
 
 
 def parse_args(argv=None):
