@@ -618,8 +618,10 @@ class Database:
     reopened and the batch retried: every statement here is idempotent.
     """
 
-    def __init__(self, cfg: Settings, run_id: str, readonly: bool = False):
+    def __init__(self, cfg: Settings, run_id: str, readonly: bool = False,
+                 stop: threading.Event | None = None):
         self.cfg, self.run_id, self.readonly = cfg, run_id, readonly
+        self.stop = stop or threading.Event()
         parts = cfg.table.split(".")
         self.table = sql.Identifier(*parts)
         self.table_name = cfg.table
@@ -656,13 +658,21 @@ class Database:
                     self.connect()
                 with self.conn, self.conn.cursor() as cur:
                     return fn(cur, *args)
-            except DB_ERRORS as exc:
+            except psycopg2.Error as exc:
+                # A server that vanishes mid-statement (crash, kill, failover) surfaces
+                # as a bare DatabaseError with no SQLSTATE: "server closed the connection
+                # unexpectedly". Errors the server itself reported carry a pgcode.
+                lost = isinstance(exc, DB_ERRORS) or (type(exc) is psycopg2.DatabaseError
+                                                      and exc.pgcode is None)
+                if not lost:
+                    raise
                 self.close()
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline or self.stop.is_set():
                     raise
                 log.warning("database connection lost (%s); retrying in %.1fs",
                             first_line(exc), delay)
-                time.sleep(delay)
+                if self.stop.wait(delay):  # Ctrl-C must not wait out two minutes of retries
+                    raise
                 delay = min(delay * 2, 10)
 
     # checks -------------------------------------------------------------
@@ -811,10 +821,15 @@ class Database:
             done = self._rewrite(cur, pairs, by_tid=self.plan_name == "snapshot")
             if self.plan_name == "snapshot":
                 # A row updated by someone else since the snapshot has a new
-                # ctid; reach those few by value.
-                missed = [(o, n) for o, n in pairs if o not in done]
+                # ctid; reach those few by value: every key that got fewer rows
+                # than the snapshot holds for it (not only keys that got none).
+                cur.execute("SELECT path, count(*) FROM pg_temp.move_pending "
+                            "WHERE path = ANY(%s) GROUP BY path", ([o for o, _ in pairs],))
+                held = dict(cur.fetchall())
+                missed = [(o, n) for o, n in pairs if done.get(o, 0) < held.get(o, 1)]
                 if missed:
-                    done.update(self._rewrite(cur, missed, by_tid=False))
+                    for old, count in self._rewrite(cur, missed, by_tid=False).items():
+                        done[old] = done.get(old, 0) + count
             return done
         return self.retry(run)
 
@@ -1142,7 +1157,7 @@ def migrate(s3, copier, db: Database | None, cfg: Settings, reporter: Reporter,
 
 def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event) -> int:
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    db = Database(cfg, run_id, readonly=cfg.dry_run)
+    db = Database(cfg, run_id, readonly=cfg.dry_run, stop=stop)
     preflight(s3, db, cfg)
     if db.plan_name == "snapshot":
         if cfg.create_index and not cfg.dry_run:
@@ -1390,7 +1405,7 @@ def rollback(s3, cfg: Settings, run: str) -> int:
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other bad input
-        self.exit(EXIT_USAGE, f"move.py: error: {message} (see --help)\n")
+        self.exit(EXIT_USAGE, f"{os.path.basename(self.prog)}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1490,6 +1505,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if not values[dest].strip():
             raise UsageError(f"--{dest.replace('_', '-')} must not be empty")
     values["source_prefix"] = normalize_prefix(values["source_prefix"])
+    if not values["source_prefix"]:  # would take every .png in the bucket
+        raise UsageError("--source-prefix must not be empty")
     values["dest_prefix"] = normalize_prefix(values["dest_prefix"])
     if args.manifest and not os.path.isfile(args.manifest):
         raise UsageError(f"manifest {args.manifest} does not exist")
@@ -1539,6 +1556,12 @@ def main(argv: list[str] | None = None) -> int:
               "and AWS_SECRET_ACCESS_KEY (see .env.example)", file=sys.stderr)
         return EXIT_USAGE
     except psycopg2.Error as exc:
+        log.debug("database error", exc_info=True)  # the traceback, for the log file only
+        if interrupt.event.is_set():
+            print(f"move.py: interrupted while the database was unreachable "
+                  f"({first_line(exc)}): the rows of the last batch stay on their sources, "
+                  "whose objects still exist; rerun to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(f"move.py: error: database: {first_line(exc)}; rerun to resume", file=sys.stderr)
         return EXIT_FAILED
     except (ClientError, BotoCoreError, S3RequestError) as exc:

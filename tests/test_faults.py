@@ -268,14 +268,16 @@ def postmaster_pid(datadir: Path) -> list[str]:
     return (datadir / "postmaster.pid").read_text().splitlines()
 
 
-def restart_pg(server) -> None:
+def restart_pg(server, mode: str = "fast") -> None:
+    """fast: the server ends sessions politely; immediate: as if it crashed."""
     from pgserver._commands import pg_ctl
-    pg_ctl(["-w", "-t", "60", "-m", "fast", "-l", str(server.log), "restart"],
+    pg_ctl(["-w", "-t", "60", "-m", mode, "-l", str(server.log), "restart"],
            pgdata=server.pgdata, user=server.system_user, timeout=90)
 
 
-@pytest.mark.parametrize("row_plan", ["snapshot", "index"])
-def test_postgres_restart_mid_run(row_plan, own_pg, endpoint, client, tmp_path):
+@pytest.mark.parametrize("row_plan,mode", [("snapshot", "fast"), ("index", "fast"),
+                                           ("snapshot", "immediate")])
+def test_postgres_restart_mid_run(row_plan, mode, own_pg, endpoint, client, tmp_path):
     dsn = own_pg.get_uri()
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
@@ -304,7 +306,7 @@ def test_postgres_restart_mid_run(row_plan, own_pg, endpoint, client, tmp_path):
         for threshold in (100, 800, 1400):
             run.wait_until(lambda: rewritten() >= threshold, what=f"{threshold} rows rewritten")
             copied = dest_count()
-            restart_pg(own_pg)
+            restart_pg(own_pg, mode)
             restarts.append((rewritten(), copied))
             assert run.proc.poll() is None, "the run ended before the restart"
             now = postmaster_pid(own_pg.pgdata)
@@ -326,6 +328,46 @@ def test_postgres_restart_mid_run(row_plan, own_pg, endpoint, client, tmp_path):
         conn.close()
     print(f"\n{row_plan}: PostgreSQL restarted at (rows, copies) {restarts}; "
           f"reconnects: {run.err.count('database connection lost')}")
+
+
+def test_ctrl_c_while_postgres_is_down_exits_130_at_once(own_pg, endpoint, client, tmp_path):
+    """Ctrl-C must not wait out two minutes of reconnect attempts."""
+    from pgserver._commands import pg_ctl
+    dsn = own_pg.get_uri()
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE avatars (id SERIAL PRIMARY KEY, path VARCHAR)")
+    source_keys = seed(conn, 1000)
+    conn.close()
+    with FaultProxy(endpoint, rate=0, latency=0.004) as proxy:
+        run = Bg(tmp_path, dsn, "--batch-size", "50", "--workers", "4",
+                 "--log-file", str(tmp_path / "run.log"), env={"AWS_ENDPOINT_URL": proxy.url})
+        run.wait_until(lambda: dest_count() >= 100, what="100 copies")
+        socket_dir = postmaster_pid(own_pg.pgdata)[4]
+        pg_ctl(["-w", "-t", "60", "-m", "immediate", "stop"], pgdata=own_pg.pgdata,
+               user=own_pg.system_user, timeout=90)
+        run.wait_until(lambda: "database connection lost" in run.err, what="a lost connection")
+        sent = time.monotonic()
+        run.proc.send_signal(signal.SIGINT)
+        code = run.wait(timeout=30)
+        took = time.monotonic() - sent
+    assert code == 130, run.out + run.err
+    assert took < 10, f"exit took {took:.1f}s"
+    assert "interrupted while the database was unreachable" in run.err
+    assert "Traceback" not in run.err
+    pg_ctl(["-w", "-t", "60", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(own_pg.log),
+            "start"], pgdata=own_pg.pgdata,
+           user=own_pg.system_user, timeout=90)
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        check_invariant(conn, client, source_keys)  # no row points at a missing object
+        rerun = Bg(tmp_path, dsn, env={"AWS_ENDPOINT_URL": endpoint})
+        assert rerun.wait() == 0, rerun.out + rerun.err
+        assert_all_done(conn, client, source_keys)
+    finally:
+        conn.close()
 
 
 # --------------------------------------------------------------------------- 3. kill -9
