@@ -1,0 +1,559 @@
+"""What a migration run does to the buckets and the table.
+
+In-process: move.main() against moto (mock_aws) and a fresh PostgreSQL database
+per test. Each test builds a state, runs move.py and asserts on the buckets,
+the rows, the exit code and the summary.
+"""
+from __future__ import annotations
+
+import csv
+import re
+
+import pytest
+from psycopg2 import sql
+
+import move
+from conftest import DEST, PNG, SOURCE, insert_rows, keys, put, rows
+
+OTHER = PNG + b"different content"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def stat(out: str, label: str) -> int:
+    """A number from the summary: '  <label>   <n>' or '  <label>: <n>'."""
+    m = re.search(rf"^\s+{re.escape(label)}:?\s+(\d+)\s*$", out, re.M)
+    assert m, f"no {label!r} in summary:\n{out}"
+    return int(m.group(1))
+
+
+def body(client, key: str, bucket: str = DEST) -> bytes:
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def listing(client, bucket: str) -> dict[str, str]:
+    """key -> ETag."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        out.update({o["Key"]: o["ETag"] for o in page.get("Contents", ())})
+    return out
+
+
+def table_exists(conn, name: str) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (name,))
+        return cur.fetchone()[0] is not None
+
+
+def has_index_on_path(conn) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'avatars' "
+                    "AND indexdef LIKE '%(path)%'")
+        return cur.fetchone()[0] > 0
+
+
+def moto_backend():
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    return s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
+
+@pytest.fixture
+def copies(monkeypatch):
+    """Source keys of every CopyObject move.py sends, as S3 receives them."""
+    seen: list[str] = []
+    real = move.make_s3_client
+
+    def make(*args, **kwargs):
+        client = real(*args, **kwargs)
+        client.meta.events.register(
+            "provide-client-params.s3.CopyObject",
+            lambda params, **_: seen.append(params["CopySource"]["Key"]))
+        return client
+    monkeypatch.setattr(move, "make_s3_client", make)
+    return seen
+
+
+# --------------------------------------------------------------------------- volume
+
+
+def test_more_than_one_listing_page(run, s3, db, capsys):
+    n = 2500
+    names = [f"image/u{i:05d}.png" for i in range(n)]
+    backend = moto_backend()
+    for k in names:
+        backend.put_object(SOURCE, k, PNG + k.encode())
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO avatars (path) SELECT unnest(%s::text[])", (names,))
+
+    assert run("--workers", "32") == 0
+    out = capsys.readouterr().out
+
+    expected = ["avatar/" + k[len("image/"):] for k in names]
+    assert keys(s3, DEST) == expected
+    assert rows(db) == expected
+    assert (stat(out, "listed PNGs"), stat(out, "copied"), stat(out, "rows rewritten")) \
+        == (n, n, n)
+    for k in ("u00000", "u01000", "u01999", "u02499"):  # either side of each page break
+        assert body(s3, f"avatar/{k}.png") == PNG + f"image/{k}.png".encode()
+
+
+# --------------------------------------------------------------------------- key mapping
+
+MAPPING = {
+    "nested-and-case": [("image/top.png", "avatar/top.png"),
+                        ("image/a/b/c.png", "avatar/a/b/c.png"),
+                        ("image/a/b.png", "avatar/a/b.png"),
+                        ("image/UPPER.PNG", "avatar/UPPER.PNG"),
+                        ("image/Mixed/Case.Png", "avatar/Mixed/Case.Png")],
+    "not-png-and-folder-markers": [("image/x.jpg", None), ("image/x.png.txt", None),
+                                   ("image/png", None), ("image/x.pngx", None),
+                                   ("image/", None), ("image/sub/", None),
+                                   ("image/sub/in.png", "avatar/sub/in.png")],
+    "outside-prefix": [("images/x.png", None), ("other/image/x.png", None),
+                       ("imagex.png", None), ("x.png", None), ("IMAGE/x.png", None),
+                       ("image/in.png", "avatar/in.png")],
+    "tricky": [("image/with space.png", "avatar/with space.png"),
+               ("image/unicodé-日本-😀.png", "avatar/unicodé-日本-😀.png"),
+               ("image/plus+sign.png", "avatar/plus+sign.png"),
+               ("image/100%.png", "avatar/100%.png"),
+               ("image/percent%20literal.png", "avatar/percent%20literal.png"),
+               ("image/a=b&c=d.png", "avatar/a=b&c=d.png"),
+               ("image/sp ace/+/%/=&.png", "avatar/sp ace/+/%/=&.png")],
+}
+
+
+@pytest.mark.parametrize("case", list(MAPPING))
+def test_key_mapping(case, run, s3, db, capsys):
+    table = MAPPING[case]
+    for i, (src, _) in enumerate(table):
+        content = b"" if src.endswith("/") else PNG + src.encode()
+        put(s3, src, content, ContentType="image/png" if src.lower().endswith(".png")
+            else "application/octet-stream",
+            Metadata={"owner": f"user-{i}"}, CacheControl="max-age=60")
+    insert_rows(db, [src for src, _ in table])
+    source_before = listing(s3, SOURCE)
+
+    assert run() == 0
+    out = capsys.readouterr().out
+
+    moved = [(src, dst) for src, dst in table if dst]
+    assert sorted(keys(s3, DEST)) == sorted(dst for _, dst in moved)
+    for i, (src, dst) in enumerate(table):
+        if not dst:
+            continue
+        got = s3.get_object(Bucket=DEST, Key=dst)
+        assert got["Body"].read() == PNG + src.encode(), dst
+        assert got["ContentType"] == "image/png", dst
+        assert got["Metadata"] == {"owner": f"user-{i}"}, dst
+        assert got["CacheControl"] == "max-age=60", dst
+    assert rows(db) == [dst or src for src, dst in table]
+    assert listing(s3, SOURCE) == source_before
+    assert stat(out, "listed PNGs") == stat(out, "copied") == len(moved)
+    assert stat(out, "rows rewritten") == len(moved)
+    assert stat(out, "rows under image/ with no object moved (table-wide)") == \
+        sum(1 for src, dst in table if not dst and src.startswith("image/"))
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def test_rows_many_per_key_missing_objects_objects_without_rows(run, s3, db, capsys):
+    for k in ("a", "norow", "sub/b"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    outside = ["other/image/a.png", "images/a.png", "Image/a.png", "", None]
+    insert_rows(db, ["image/a.png", "image/a.png", "image/gone.png", "image/a.png",
+                     "image/sub/b.png", *outside])
+
+    assert run() == 0
+    out = capsys.readouterr().out
+
+    assert rows(db) == ["avatar/a.png", "avatar/a.png", "image/gone.png", "avatar/a.png",
+                        "avatar/sub/b.png", *outside]
+    assert keys(s3, DEST) == ["avatar/a.png", "avatar/norow.png", "avatar/sub/b.png"]
+    assert body(s3, "avatar/norow.png") == PNG + b"norow"
+    assert stat(out, "copied") == 3
+    assert stat(out, "rows rewritten") == 4
+    assert stat(out, "objects without rows") == 1
+    assert stat(out, "rows under image/ with no object moved (table-wide)") == 1
+    assert stat(out, "rows outside image/ and avatar/ (untouched)") == len(outside)
+    assert "avatar/gone.png" not in keys(s3, DEST)
+
+
+# --------------------------------------------------------------------------- compare-and-set
+
+APP_CHANGES = {
+    # what the application does to row 1 (path image/a.png) while move.py works,
+    # and what row 1 must hold afterwards
+    "new-upload": ("UPDATE avatars SET path = 'image/new-upload.png' WHERE id = 1",
+                   "image/new-upload.png"),
+    "cleared": ("UPDATE avatars SET path = NULL WHERE id = 1", None),
+    # same value, new row version (new ctid): still rewritten, found by value
+    "touched": ("UPDATE avatars SET path = path WHERE id = 1", "avatar/a.png"),
+}
+
+
+@pytest.mark.parametrize("row_plan", ["snapshot", "index"])
+@pytest.mark.parametrize("change", list(APP_CHANGES))
+def test_compare_and_set_leaves_rows_the_application_changed(change, row_plan, run, s3, db,
+                                                            capsys, monkeypatch):
+    put(s3, "image/a.png", PNG + b"a")
+    put(s3, "image/b.png", PNG + b"b")
+    insert_rows(db, ["image/a.png", "image/a.png", "image/b.png"])
+    if row_plan == "index":
+        with db.cursor() as cur:
+            cur.execute("CREATE INDEX ON avatars (path)")
+    statement, expected_row1 = APP_CHANGES[change]
+    fired = []
+    real = move.Database.rewrite
+
+    def racing_rewrite(self, pairs):
+        # the copies are done and the rows were looked up; the application
+        # writes row 1 just before the compare-and-set
+        if pairs and not fired:
+            with db.cursor() as cur:
+                cur.execute(statement)
+            fired.append(pairs)
+        return real(self, pairs)
+    monkeypatch.setattr(move.Database, "rewrite", racing_rewrite)
+
+    assert run() == 0
+    out = capsys.readouterr().out
+
+    assert fired and ("image/a.png", "avatar/a.png") in fired[0]
+    assert rows(db) == [expected_row1, "avatar/a.png", "avatar/b.png"]
+    assert stat(out, "rows rewritten") == 2 + (expected_row1 == "avatar/a.png")
+    assert f"row plan: {row_plan}" in out
+    assert keys(s3, DEST) == ["avatar/a.png", "avatar/b.png"]
+
+
+def test_compare_and_set_only_rows_holding_the_old_key(run, s3, db, capsys):
+    """Prefix lookalikes and near-misses of a key are other rows: never rewritten."""
+    put(s3, "image/a.png", PNG + b"a")
+    near = ["image/a.png ", " image/a.png", "IMAGE/a.png", "image/A.png", "image/a.PNG",
+            "image//a.png", "image/a.png/", "image/a.pn"]
+    insert_rows(db, ["image/a.png", *near])
+    assert run() == 0
+    out = capsys.readouterr().out
+    assert rows(db) == ["avatar/a.png", *near]
+    assert stat(out, "rows rewritten") == 1
+
+
+# --------------------------------------------------------------------------- resume
+
+RESUME = {
+    # state before the run: (copy already there, row already rewritten)
+    "done": (True, True),
+    "copied-rows-not-rewritten": (True, False),
+    "rewritten-copy-missing": (False, True),
+    "nothing-done": (False, False),
+}
+
+
+@pytest.mark.parametrize("state", list(RESUME))
+def test_resume(state, run, s3, db, capsys, copies, tmp_path):
+    copied, rewritten = RESUME[state]
+    put(s3, "image/x.png", PNG + b"x")
+    put(s3, "image/y.png", PNG + b"y")  # untouched by any earlier run: copied every time
+    if copied:
+        put(s3, "avatar/x.png", PNG + b"x", bucket=DEST)
+    insert_rows(db, ["avatar/x.png" if rewritten else "image/x.png", "image/y.png"])
+    report = tmp_path / "report.csv"
+
+    assert run("--report", str(report)) == 0
+    out = capsys.readouterr().out
+
+    assert rows(db) == ["avatar/x.png", "avatar/y.png"]
+    assert body(s3, "avatar/x.png") == PNG + b"x" and body(s3, "avatar/y.png") == PNG + b"y"
+    expected_copies = ["image/y.png"] + ([] if copied else ["image/x.png"])
+    assert sorted(copies) == sorted(expected_copies)
+    with open(report, newline="", encoding="utf-8") as f:
+        actions = {line["source_key"]: (line["action"], line["rows_rewritten"])
+                   for line in csv.DictReader(f)}
+    want_x = {"done": ("skipped", "0"), "copied-rows-not-rewritten": ("rows-only", "1"),
+              "rewritten-copy-missing": ("copied", "0"), "nothing-done": ("copied", "1")}[state]
+    assert actions == {"image/x.png": want_x, "image/y.png": ("copied", "1")}
+    assert stat(out, "copied") == len(expected_copies)
+    assert stat(out, "rows only") == (want_x[0] == "rows-only")
+    assert stat(out, "skipped (done)") == (want_x[0] == "skipped")
+    assert stat(out, "rows rewritten") == 1 + int(want_x[1])
+
+    # and then everything is done: a rerun copies and rewrites nothing
+    copies.clear()
+    assert run() == 0
+    out = capsys.readouterr().out
+    assert copies == []
+    assert (stat(out, "copied"), stat(out, "skipped (done)"), stat(out, "rows rewritten")) \
+        == (0, 2, 0)
+
+
+# --------------------------------------------------------------------------- conflicts
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["default", "overwrite"])
+def test_conflict(overwrite, run, s3, db, capsys):
+    put(s3, "image/x.png", PNG + b"x")
+    put(s3, "image/ok.png", PNG + b"ok")
+    put(s3, "avatar/x.png", OTHER, bucket=DEST)
+    insert_rows(db, ["image/x.png", "image/ok.png"])
+
+    code = run(*(["--overwrite"] if overwrite else []))
+    out, err = capsys.readouterr()
+
+    assert body(s3, "avatar/ok.png") == PNG + b"ok"
+    if overwrite:
+        assert code == 0
+        assert body(s3, "avatar/x.png") == PNG + b"x"
+        assert rows(db) == ["avatar/x.png", "avatar/ok.png"]
+        assert (stat(out, "copied"), stat(out, "conflicts")) == (2, 0)
+        assert "conflict" not in err
+    else:
+        assert code == 1
+        assert body(s3, "avatar/x.png") == OTHER
+        assert rows(db) == ["image/x.png", "avatar/ok.png"]
+        assert (stat(out, "copied"), stat(out, "conflicts")) == (1, 1)
+        lines = [line for line in err.splitlines() if "conflict" in line]
+        assert len(lines) == 1 and "avatar/x.png" in lines[0], err
+        assert "--overwrite" in lines[0]
+    assert listing(s3, SOURCE).keys() == {"image/x.png", "image/ok.png"}
+
+
+# --------------------------------------------------------------------------- row plans
+
+PLANS = {
+    # setup, flags, plan named in the summary, index on path afterwards
+    "snapshot": (None, [], "snapshot", False),
+    "index": ("CREATE INDEX avatars_path_idx ON avatars (path)", [], "index", True),
+    "create-index": (None, ["--create-index"], "index", True),
+    "partial-index-ignored": ("CREATE INDEX avatars_path_idx ON avatars (path) "
+                              "WHERE id > 1000", [], "snapshot", True),
+}
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_row_plans_same_outcome(plan, run, s3, db, dsn, capsys, monkeypatch, tmp_path):
+    setup, flags, plan_name, indexed = PLANS[plan]
+    for k in ("a", "b", "c/d"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    insert_rows(db, ["image/a.png", "image/a.png", "image/b.png", "image/gone.png",
+                     "other/a.png", "avatar/c/d.png", None])
+    if setup:
+        with db.cursor() as cur:
+            cur.execute(setup)
+
+    # without --quiet, to see the log line naming the plan
+    monkeypatch.chdir(tmp_path)
+    code = move.main(["--db", dsn, "--engine", "boto3", *flags])
+    out, err = capsys.readouterr()
+
+    assert code == 0, err
+    assert rows(db) == ["avatar/a.png", "avatar/a.png", "avatar/b.png", "image/gone.png",
+                        "other/a.png", "avatar/c/d.png", None]
+    assert keys(s3, DEST) == ["avatar/a.png", "avatar/b.png", "avatar/c/d.png"]
+    assert stat(out, "rows rewritten") == 3
+    assert re.search(rf"^  row plan: {plan_name};", out, re.M), out
+    assert has_index_on_path(db) == indexed
+    if plan == "create-index":
+        assert table_exists(db, "avatars_path_move_idx")
+        assert "creating index on avatars(path) CONCURRENTLY" in err
+    else:
+        assert not table_exists(db, "avatars_path_move_idx")
+    if plan_name == "snapshot":
+        assert "no index on avatars(path)" in err
+    else:
+        assert "no index on" not in err
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_shards_partition_the_keys(n, run, s3, db, capsys, copies):
+    names = [f"image/s{i:02d}.png" for i in range(30)] + \
+            [f"image/d{i}/x.png" for i in range(10)] + ["image/ü ñ+%.png", "image/UP.PNG"]
+    for k in names:
+        put(s3, k, PNG + k.encode())
+    insert_rows(db, names)
+    insert_rows(db, ["image/s00.png"])  # a second row for one key
+
+    shares = []
+    for i in range(n):
+        copies.clear()
+        assert run("--shard", f"{i}/{n}") == 0
+        out = capsys.readouterr().out
+        share = set(copies)
+        assert len(share) == len(copies), "a key copied twice in one run"
+        assert stat(out, "listed PNGs") == stat(out, "copied") == len(share)
+        shares.append(share)
+        # this shard's rows, and only them, are rewritten on top of earlier shards'
+        done = set().union(*shares)
+        assert rows(db) == [("avatar/" + p[len("image/"):]) if p in done else p
+                            for p in names + ["image/s00.png"]]
+        assert set(keys(s3, DEST)) == {"avatar/" + k[len("image/"):] for k in done}
+
+    assert set().union(*shares) == set(names)
+    assert sum(len(s) for s in shares) == len(names)  # pairwise disjoint
+    if n > 1:
+        assert all(shares), "a shard got no key out of 42"
+    assert len(keys(s3, DEST)) == len(names)
+
+    # a shard rerun, and a full run, find everything done
+    copies.clear()
+    assert run("--shard", f"0/{n}") == 0
+    assert stat(capsys.readouterr().out, "skipped (done)") == len(shares[0])
+    assert run() == 0
+    assert stat(capsys.readouterr().out, "skipped (done)") == len(names)
+    assert copies == []
+
+
+# --------------------------------------------------------------------------- manifest
+
+MANIFEST_KEYS = {
+    # key in the bucket: as an S3 Inventory / Batch Operations CSV writes it
+    "image/with space.png": "image/with+space.png",
+    "image/with space2.png": "image/with%20space2.png",
+    "image/plus+sign.png": "image/plus%2Bsign.png",
+    "image/café.png": "image/caf%C3%A9.png",
+    "image/100%.png": "image/100%25.png",
+    "image/a=b&c.png": "image%2Fa%3Db%26c.png",
+    "image/plain.png": "image/plain.png",
+    "image/sub/plain2.png": "image/sub/plain2.png",
+}
+NOT_IN_MANIFEST = ["image/unlisted.png", "image/sub/unlisted.png"]
+
+
+def write_manifest(path, lines: list[list[str]], quote_all: bool) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL if quote_all else csv.QUOTE_MINIMAL).writerows(lines)
+
+
+@pytest.mark.parametrize("style", ["batch-operations", "inventory", "with-header"])
+def test_manifest_copies_only_listed_keys(style, run, s3, db, capsys, tmp_path, copies):
+    for k in [*MANIFEST_KEYS, *NOT_IN_MANIFEST, "image/readme.txt", "other/x.png"]:
+        put(s3, k, PNG + k.encode())
+    insert_rows(db, [*MANIFEST_KEYS, *NOT_IN_MANIFEST])
+    lines = [[SOURCE, enc] for enc in MANIFEST_KEYS.values()]
+    lines += [[SOURCE, "image/readme.txt"], [SOURCE, "other/x.png"]]  # not PNG / outside
+    if style == "inventory":  # every field quoted, more columns: size, ETag
+        lines = [line + ["32", "0123abcd"] for line in lines]
+    if style == "with-header":
+        lines = [["bucket", "key"]] + lines
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(manifest, lines, quote_all=style == "inventory")
+
+    assert run("--manifest", str(manifest)) == 0
+    out = capsys.readouterr().out
+
+    assert sorted(copies) == sorted(MANIFEST_KEYS)
+    assert sorted(keys(s3, DEST)) == sorted("avatar/" + k[len("image/"):] for k in MANIFEST_KEYS)
+    for k in MANIFEST_KEYS:
+        assert body(s3, "avatar/" + k[len("image/"):]) == PNG + k.encode()
+    assert rows(db) == ["avatar/" + k[len("image/"):] for k in MANIFEST_KEYS] + NOT_IN_MANIFEST
+    assert stat(out, "listed PNGs") == stat(out, "copied") == len(MANIFEST_KEYS)
+
+    copies.clear()
+    assert run("--manifest", str(manifest)) == 0  # resumes from a manifest too
+    out = capsys.readouterr().out
+    assert copies == [] and stat(out, "skipped (done)") == len(MANIFEST_KEYS)
+
+
+def test_manifest_key_missing_from_the_bucket_fails_alone(run, s3, db, capsys, tmp_path):
+    put(s3, "image/here.png", PNG)
+    insert_rows(db, ["image/here.png", "image/gone.png"])
+    manifest = tmp_path / "m.csv"
+    write_manifest(manifest, [[SOURCE, "image/here.png"], [SOURCE, "image/gone.png"]], False)
+
+    assert run("--manifest", str(manifest)) == 1
+    out, err = capsys.readouterr()
+    assert keys(s3, DEST) == ["avatar/here.png"]
+    assert rows(db) == ["avatar/here.png", "image/gone.png"]
+    assert (stat(out, "copied"), stat(out, "failed")) == (1, 1)
+    assert "image/gone.png" in err
+
+
+def test_manifest_naming_another_bucket_changes_nothing(run, s3, db, capsys, tmp_path):
+    put(s3, "image/a.png", PNG)
+    put(s3, "image/b.png", PNG)
+    insert_rows(db, ["image/a.png", "image/b.png"])
+    manifest = tmp_path / "m.csv"
+    write_manifest(manifest, [[SOURCE, "image/a.png"], ["some-other-bucket", "image/b.png"]],
+                   False)
+
+    assert run("--manifest", str(manifest)) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("move.py: error: ") and "some-other-bucket" in err
+    assert f"{manifest}:2" in err
+    assert keys(s3, DEST) == []
+    assert rows(db) == ["image/a.png", "image/b.png"]
+    assert not table_exists(db, "avatars_move_journal")
+
+
+# --------------------------------------------------------------------------- nothing to do
+
+
+@pytest.mark.parametrize("contents", [[], ["image/", "image/readme.txt", "other/x.png",
+                                           "images/y.png"]], ids=["empty", "no-pngs"])
+def test_nothing_to_do(contents, run, s3, db, capsys):
+    for k in contents:
+        put(s3, k, b"")
+    insert_rows(db, ["image/a.png", "other/b.png"])
+
+    assert run() == 0
+    out, err = capsys.readouterr()
+
+    assert err == ""
+    assert re.match(r"Run \S+\n", out), out
+    assert (stat(out, "listed PNGs"), stat(out, "copied"), stat(out, "rows rewritten"),
+            stat(out, "failed"), stat(out, "conflicts")) == (0, 0, 0, 0, 0)
+    assert stat(out, "rows under image/ with no object moved (table-wide)") == 1
+    assert keys(s3, DEST) == []
+    assert sorted(keys(s3, SOURCE)) == sorted(contents)
+    assert rows(db) == ["image/a.png", "other/b.png"]
+
+
+# --------------------------------------------------------------------------- identifiers
+
+
+@pytest.mark.parametrize("how,schema,flags", [
+    ("env", None, []),
+    ("flags", "Media Lib", ["--create-index"]),
+], ids=["env-snapshot-plan", "flags-schema-index-plan"])
+def test_quoted_table_and_column(how, schema, flags, run, s3, db, capsys, monkeypatch):
+    table_parts = ([schema] if schema else []) + ["Avatar Images"]
+    table = sql.Identifier(*table_parts)
+    with db.cursor() as cur:
+        if schema:
+            cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        # "path" too, lower case, as a decoy that must stay untouched
+        cur.execute(sql.SQL('CREATE TABLE {} (id SERIAL PRIMARY KEY, "Path" VARCHAR, '
+                            'path VARCHAR)').format(table))
+        cur.execute(sql.SQL('INSERT INTO {} ("Path", path) VALUES (%s, %s), (%s, %s), '
+                            '(%s, %s)').format(table),
+                    ("image/a.png", "image/a.png", "image/b.png", "x", "other/c.png", "y"))
+    put(s3, "image/a.png", PNG + b"a")
+    put(s3, "image/b.png", PNG + b"b")
+    table_setting = ".".join(table_parts)
+    if how == "env":
+        monkeypatch.setenv("DB_TABLE", table_setting)
+        monkeypatch.setenv("DB_PATH_COLUMN", "Path")
+        args = flags
+    else:
+        args = ["--table", table_setting, "--column", "Path", *flags]
+
+    assert run(*args) == 0
+    out = capsys.readouterr().out
+
+    with db.cursor() as cur:
+        cur.execute(sql.SQL('SELECT "Path", path FROM {} ORDER BY id').format(table))
+        assert cur.fetchall() == [("avatar/a.png", "image/a.png"), ("avatar/b.png", "x"),
+                                  ("other/c.png", "y")]
+        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(
+            *table_parts[:-1], "Avatar Images_move_journal").as_string(cur),))
+        assert cur.fetchone()[0] is not None
+    assert stat(out, "rows rewritten") == 2
+    assert keys(s3, DEST) == ["avatar/a.png", "avatar/b.png"]
+    assert f"row plan: {'index' if flags else 'snapshot'};" in out
+    assert rows(db) == []  # the seeder's avatars table is not touched
