@@ -807,6 +807,16 @@ class Database:
             return dict(cur.fetchall())
         return self.retry(run) if keys else {}
 
+    def referenced(self, keys: list[str]) -> set[str]:
+        """Keys some row points at now, read from the table itself, not the
+        snapshot: a row the application set to an old key after the snapshot
+        must keep its object. Without an index this scans the table."""
+        def run(cur):
+            cur.execute(sql.SQL("SELECT DISTINCT {col}::text FROM {table} WHERE {col} = ANY(%s)")
+                        .format(col=self.col, table=self.table), (keys,))
+            return {k for (k,) in cur.fetchall()}
+        return self.retry(run) if keys else set()
+
     def rewrite(self, pairs: list[tuple[str, str]]) -> dict[str, int]:
         """Compare-and-set: only rows still holding the old key change.
 
@@ -1074,6 +1084,14 @@ def migrate(s3, copier, db: Database | None, cfg: Settings, reporter: Reporter,
         work, deletes = deletes, []
         for start in range(0, len(work), 1000):
             chunk = work[start:start + 1000]
+            still = db.referenced([i.src.key for i in chunk])
+            for i in chunk:
+                if i.src.key in still:
+                    log.warning("kept source %s: a row points at it again (changed during the "
+                                "run); a rerun rewrites it and then deletes the source", i.src.key)
+            chunk = [i for i in chunk if i.src.key not in still]
+            if not chunk:
+                continue
             try:
                 resp = s3.delete_objects(Bucket=cfg.source_bucket, Delete={
                     "Objects": [{"Key": i.src.key} for i in chunk], "Quiet": True})

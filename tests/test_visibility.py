@@ -655,3 +655,31 @@ def test_log_file_and_report_hold_no_secrets(cli, http_seed, db, dsn, tmp_path):
     assert "***" in p.err
     for text in (log_file.read_text(), p.out, p.err):
         assert password not in text and aws_secret not in text
+
+
+def test_delete_source_keeps_a_source_a_row_points_at_again(run, s3, db, capsys, monkeypatch):
+    """No index (snapshot plan): the application points a row at an old key after
+    the snapshot was taken. That source must survive --delete-source."""
+    for k in ("a", "b"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    insert_rows(db, ["image/a.png", "image/b.png", "other/c.png"])
+    real = move.Database.rewrite
+
+    def app_writes_meanwhile(self, pairs):
+        done = real(self, pairs)
+        with db.cursor() as cur:  # autocommit: the application's own transaction
+            cur.execute("UPDATE avatars SET path = 'image/a.png' WHERE path = 'other/c.png'")
+        return done
+    monkeypatch.setattr(move.Database, "rewrite", app_writes_meanwhile)
+
+    assert run("--delete-source") == 0
+    captured = capsys.readouterr()
+    assert "row plan: snapshot" in captured.out
+    assert "kept source image/a.png" in captured.err
+    assert keys(s3, SOURCE) == ["image/a.png"]  # b went; a stays for its new row
+    assert rows(db) == ["avatar/a.png", "avatar/b.png", "image/a.png"]
+
+    monkeypatch.setattr(move.Database, "rewrite", real)
+    assert run("--delete-source") == 0  # the rerun moves that row, then deletes a
+    assert rows(db) == ["avatar/a.png", "avatar/b.png", "avatar/a.png"]
+    assert keys(s3, SOURCE) == []
