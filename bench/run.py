@@ -711,7 +711,7 @@ class Bench:
         req = re.search(r"S3 requests:\s*(\d+)", r1.output)
         settings = self.args.move_args or "default settings (32 workers)"
         row.notes.append(f"{settings}, row plan {m.group(1) if m else '?'}"
-                         f"{', ' + req.group(1) + ' S3 requests' if req else ''}).")
+                         f"{', ' + req.group(1) + ' S3 requests' if req else ''}.")
         rows.append(row)
         rerun = None
         if not self.args.no_rerun:
