@@ -1,8 +1,10 @@
 """The Database layer against a real PostgreSQL."""
+import contextlib
 import threading
 import uuid
 
 import psycopg2
+import pytest
 
 import move
 
@@ -17,6 +19,28 @@ def journal_exists(conn) -> bool:
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass('avatars_move_journal')")
         return cur.fetchone()[0] is not None
+
+
+@contextlib.contextmanager
+def as_role(db, dsn: str, *grants: str, revoke_create: bool = False):
+    """A move.Database logged in as a new role holding only the given grants
+    ("SELECT, UPDATE ON avatars", ...); the role is dropped afterwards."""
+    role = "migrator_" + uuid.uuid4().hex[:8]  # roles are cluster-wide
+    with db.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role} LOGIN")
+        if revoke_create:
+            cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        for grant in grants:
+            cur.execute(f"GRANT {grant} TO {role}")
+    limited = move.Database(settings(psycopg2.extensions.make_dsn(dsn, user=role)), "r")
+    try:
+        limited.preflight()
+        yield limited
+    finally:
+        limited.close()
+        with db.cursor() as cur:
+            cur.execute(f"DROP OWNED BY {role}")
+            cur.execute(f"DROP ROLE {role}")
 
 
 def test_shards_starting_together_all_get_the_journal(db, dsn):
@@ -52,22 +76,10 @@ def test_existing_journal_needs_no_create_privilege(db, dsn):
     move_db.preflight()
     move_db.ensure_journal()
     move_db.close()
-    role = "migrator_" + uuid.uuid4().hex[:8]  # roles are cluster-wide
-    with db.cursor() as cur:
-        cur.execute(f"CREATE ROLE {role} LOGIN")
-        cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-        cur.execute(f"GRANT SELECT, UPDATE ON avatars TO {role}")
-        cur.execute(f"GRANT SELECT, INSERT, UPDATE ON avatars_move_journal TO {role}")
-        cur.execute(f"GRANT USAGE ON SEQUENCE avatars_move_journal_id_seq TO {role}")
-    limited = move.Database(settings(psycopg2.extensions.make_dsn(dsn, user=role)), "r")
-    try:
-        limited.preflight()
+    with as_role(db, dsn, "SELECT, UPDATE ON avatars",
+                 "SELECT, INSERT, UPDATE ON avatars_move_journal",
+                 "USAGE ON SEQUENCE avatars_move_journal_id_seq", revoke_create=True) as limited:
         limited.ensure_journal()  # must not raise "permission denied for schema public"
-    finally:
-        limited.close()
-        with db.cursor() as cur:
-            cur.execute(f"DROP OWNED BY {role}")
-            cur.execute(f"DROP ROLE {role}")
 
 
 OLD_JOURNAL = """CREATE TABLE avatars_move_journal (
@@ -103,45 +115,18 @@ def test_journal_from_an_earlier_version_gets_its_row_ids_column(db, dsn):
 def test_old_journal_the_role_cannot_alter_is_a_clear_usage_error(db, dsn):
     with db.cursor() as cur:
         cur.execute(OLD_JOURNAL)
-    role = "migrator_" + uuid.uuid4().hex[:8]
-    with db.cursor() as cur:
-        cur.execute(f"CREATE ROLE {role} LOGIN")
-        cur.execute(f"GRANT SELECT, UPDATE ON avatars TO {role}")
-        cur.execute(f"GRANT SELECT, INSERT, UPDATE ON avatars_move_journal TO {role}")
-    limited = move.Database(settings(psycopg2.extensions.make_dsn(dsn, user=role)), "r")
-    try:
-        limited.preflight()
-        try:
+    with as_role(db, dsn, "SELECT, UPDATE ON avatars",
+                 "SELECT, INSERT, UPDATE ON avatars_move_journal") as limited:
+        with pytest.raises(move.UsageError) as exc:
             limited.ensure_journal()
-            raise AssertionError("expected a UsageError")
-        except move.UsageError as exc:
-            assert "ADD COLUMN tids tid[]" in str(exc) and "owner" in str(exc)
-    finally:
-        limited.close()
-        with db.cursor() as cur:
-            cur.execute(f"DROP OWNED BY {role}")
-            cur.execute(f"DROP ROLE {role}")
+    assert "ADD COLUMN tids tid[]" in str(exc.value) and "owner" in str(exc.value)
     assert "tids" not in journal_columns(db)
 
 
 def test_no_journal_and_no_create_privilege_says_what_to_grant(db, dsn):
-    role = "migrator_" + uuid.uuid4().hex[:8]
-    with db.cursor() as cur:
-        cur.execute(f"CREATE ROLE {role} LOGIN")
-        cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-        cur.execute(f"GRANT SELECT, UPDATE ON avatars TO {role}")
-    limited = move.Database(settings(psycopg2.extensions.make_dsn(dsn, user=role)), "r")
-    try:
-        limited.preflight()
-        try:
+    with as_role(db, dsn, "SELECT, UPDATE ON avatars", revoke_create=True) as limited:
+        with pytest.raises(move.UsageError) as exc:
             limited.ensure_journal()
-            raise AssertionError("expected a UsageError")
-        except move.UsageError as exc:
-            assert "grant CREATE on the schema" in str(exc)
-            assert "deploy/prepare.sql" in str(exc)
-    finally:
-        limited.close()
-        with db.cursor() as cur:
-            cur.execute(f"DROP OWNED BY {role}")
-            cur.execute(f"DROP ROLE {role}")
+    assert "grant CREATE on the schema" in str(exc.value)
+    assert "deploy/prepare.sql" in str(exc.value)
     assert not journal_exists(db)
