@@ -89,21 +89,22 @@ def insert_rows(conn, paths, table="avatars", column="path") -> None:
 # ---------------------------------------------------------------- S3
 
 
+def fake_aws_env(mp: pytest.MonkeyPatch) -> None:
+    """Fake credentials, nothing from the machine's own AWS setup, and none of
+    move.py's settings (DB_*, S3_*) from the caller's environment."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "DB_", "S3_")):
+            mp.delenv(name)
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    mp.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+
+
 @pytest.fixture
 def aws_credentials(monkeypatch):
-    """Fake credentials, and nothing from the machine's own AWS setup."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    for name in ("DB_CONN_STRING", "S3_SOURCE_BUCKET_NAME", "S3_DEST_BUCKET_NAME",
-                 "S3_OBJECT_SOURCE_PREFIX", "S3_OBJECT_DEST_PREFIX", "DB_TABLE",
-                 "DB_PATH_COLUMN"):
-        monkeypatch.delenv(name, raising=False)
+    fake_aws_env(monkeypatch)
 
 
 @pytest.fixture

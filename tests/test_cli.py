@@ -8,7 +8,6 @@ Then which setting wins (flag, environment, .env), and --help.
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
 import move
-from conftest import DEST, PNG, ROOT, SOURCE, insert_rows, keys, put, rows
+from conftest import DEST, PNG, ROOT, SOURCE, fake_aws_env, insert_rows, keys, put, rows
 
 SECRET = "Sup3r-s3cret-pw"
 
@@ -161,15 +160,8 @@ class TestBadInputInProcess:
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute("CREATE TABLE avatars (id SERIAL PRIMARY KEY, path VARCHAR)")
-        with pytest.MonkeyPatch.context() as mp:  # as conftest's aws_credentials
-            for var in list(os.environ):
-                if var.startswith(("AWS_", "DB_", "S3_")):
-                    mp.delenv(var)
-            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            mp.setenv("AWS_CONFIG_FILE", "/nonexistent")
-            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        with pytest.MonkeyPatch.context() as mp:
+            fake_aws_env(mp)
             with mock_aws():
                 client = move.make_s3_client()
                 client.create_bucket(Bucket=SOURCE)
