@@ -6,6 +6,7 @@ move.py as a subprocess.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,39 @@ def keys(client, bucket=DEST, prefix="") -> list[str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         out += [o["Key"] for o in page.get("Contents", ())]
     return out
+
+
+def listing(client, bucket: str) -> dict[str, str]:
+    """key -> ETag, as S3 lists it."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        out.update({o["Key"]: o["ETag"] for o in page.get("Contents", ())})
+    return out
+
+
+def body(client, key: str, bucket: str = DEST) -> bytes:
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def moto_backend():
+    """moto's S3 backend, in-process (mock_aws) or behind the threaded server
+    (same process as pytest): for seeding thousands of keys without HTTP."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    return s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
+
+def stat(out: str, label: str) -> int:
+    """A number from the summary: '  <label>   <n>' or '  <label>: <n>'."""
+    m = re.search(rf"^\s+{re.escape(label)}:?\s+(\d+)\s*$", out, re.M)
+    assert m, f"no {label!r} in summary:\n{out}"
+    return int(m.group(1))
+
+
+def journal_exists(conn) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('avatars_move_journal')")
+        return cur.fetchone()[0] is not None
 
 
 @pytest.fixture

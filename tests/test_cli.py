@@ -19,7 +19,8 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
 import move
-from conftest import DEST, PNG, ROOT, SOURCE, fake_aws_env, insert_rows, keys, put, rows
+from conftest import (DEST, PNG, ROOT, SOURCE, fake_aws_env, insert_rows, journal_exists, keys,
+                      listing, put, rows)
 
 SECRET = "Sup3r-s3cret-pw"
 
@@ -30,17 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def listing(client, bucket: str) -> dict[str, str]:
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        out.update({o["Key"]: o["ETag"] for o in page.get("Contents", ())})
-    return out
 
 
-def journal_exists(conn) -> bool:
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('avatars_move_journal')")
-        return cur.fetchone()[0] is not None
+
+
 
 
 def state(client, conn) -> tuple:

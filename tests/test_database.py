@@ -7,6 +7,7 @@ import psycopg2
 import pytest
 
 import move
+from conftest import journal_exists
 
 
 def settings(dsn: str) -> move.Settings:
@@ -15,10 +16,7 @@ def settings(dsn: str) -> move.Settings:
                          column="path")
 
 
-def journal_exists(conn) -> bool:
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('avatars_move_journal')")
-        return cur.fetchone()[0] is not None
+
 
 
 @contextlib.contextmanager

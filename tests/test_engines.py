@@ -3,7 +3,7 @@ sends CopyObject and ListObjectsV2 itself, so it must get every key right."""
 import pytest
 
 import move
-from conftest import DEST, SOURCE, insert_rows, keys, rows
+from conftest import DEST, SOURCE, insert_rows, keys, moto_backend, rows
 
 TRICKY = [
     "image/plain.png",
@@ -53,12 +53,9 @@ def test_tricky_keys_copied_and_rows_rewritten(engine, cli, s3http, db):
 
 
 def test_crt_lists_past_one_page(cli, s3http, db):
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
-
     # straight into the server's backend (same process): 2,100 PUTs over HTTP
     # took most of this test's half minute
-    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    backend = moto_backend()
     names = [f"image/p{i:05d}.png" for i in range(2100)]
     for k in names:
         backend.put_object(SOURCE, k, b"x")

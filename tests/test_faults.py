@@ -32,7 +32,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from psycopg2.extensions import make_dsn
 
-from conftest import DEST, PNG, SOURCE, ROOT, insert_rows, keys, move_cmd, put, rows, subprocess_env
+from conftest import (DEST, PNG, SOURCE, ROOT, insert_rows, keys, listing, move_cmd, put, rows,
+                      subprocess_env)
+from conftest import moto_backend as backend
 from faultproxy import DROP_AFTER, DROP_BEFORE, INTERNAL, OK_ERROR, SLOWDOWN, FaultProxy
 
 import move
@@ -40,11 +42,7 @@ import move
 # --------------------------------------------------------------------------- helpers
 
 
-def backend():
-    """The moto S3 backend behind the threaded server (same process as pytest)."""
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
-    return s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
 
 
 def body_of(key: str) -> bytes:
@@ -66,12 +64,7 @@ def dest_count() -> int:
     return len(backend().get_bucket(DEST).keys)
 
 
-def listing(client, bucket: str) -> dict[str, str]:
-    """key -> ETag, as S3 lists it (over HTTP, through the real API)."""
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        out.update({o["Key"]: o["ETag"] for o in page.get("Contents", ())})
-    return out
+
 
 
 def check_invariant(conn, client, source_keys: list[str]) -> tuple[int, int]:

@@ -13,7 +13,8 @@ import pytest
 from psycopg2 import sql
 
 import move
-from conftest import DEST, PNG, SOURCE, insert_rows, keys, put, rows
+from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, listing, moto_backend, put,
+                      rows, stat)
 
 OTHER = PNG + b"different content"
 
@@ -21,23 +22,7 @@ OTHER = PNG + b"different content"
 # --------------------------------------------------------------------------- helpers
 
 
-def stat(out: str, label: str) -> int:
-    """A number from the summary: '  <label>   <n>' or '  <label>: <n>'."""
-    m = re.search(rf"^\s+{re.escape(label)}:?\s+(\d+)\s*$", out, re.M)
-    assert m, f"no {label!r} in summary:\n{out}"
-    return int(m.group(1))
 
-
-def body(client, key: str, bucket: str = DEST) -> bytes:
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def listing(client, bucket: str) -> dict[str, str]:
-    """key -> ETag."""
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        out.update({o["Key"]: o["ETag"] for o in page.get("Contents", ())})
-    return out
 
 
 def table_exists(conn, name: str) -> bool:
@@ -53,10 +38,7 @@ def has_index_on_path(conn) -> bool:
         return cur.fetchone()[0] > 0
 
 
-def moto_backend():
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
-    return s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
 
 
 @pytest.fixture

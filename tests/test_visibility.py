@@ -22,7 +22,7 @@ import time
 import pytest
 from psycopg2.extensions import make_dsn
 
-from conftest import (DEST, PNG, SOURCE, insert_rows, keys, move_cmd, put, rows,
+from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, move_cmd, put, rows, stat,
                       subprocess_env)
 
 import move
@@ -34,11 +34,7 @@ REAL_COPY_ONE = move.copy_one
 # --------------------------------------------------------------------------- helpers
 
 
-def stat(out: str, label: str) -> int:
-    """A number from the summary: '  <label>   <n>' or '  <label>: <n>'."""
-    m = re.search(rf"^\s+{re.escape(label)}:?\s+(\d+)\s*$", out, re.M)
-    assert m, f"no {label!r} in summary:\n{out}"
-    return int(m.group(1))
+
 
 
 def run_id_of(out: str) -> str:
@@ -60,8 +56,7 @@ def table_exists(conn, name: str) -> bool:
         return cur.fetchone()[0] is not None
 
 
-def body(client, key: str, bucket: str = DEST) -> bytes:
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
 
 
 def snapshot(client, conn) -> tuple:
