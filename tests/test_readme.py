@@ -201,12 +201,16 @@ def test_verify_job_runs_verify():
     assert container["command"] == ["python3", "move.py", "--verify"]
 
 
-def test_dockerfile_installs_requirements_and_move():
+def test_dockerfile_installs_requirements_move_and_its_package():
+    """What deploy/README.md says the image holds (tests/test_deploy.py checks
+    that every file the command imports gets into it)."""
     text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
     assert "pip install -r requirements.txt" in text
     assert re.search(r"^COPY move\.py ", text, re.M)
-    assert "move.py" in (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8")
+    assert re.search(r"^COPY avatarmove/ avatarmove/$", text, re.M)
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+    assert "!move.py" in ignore and "!avatarmove/" in ignore
 
 
 def test_prepare_sql_matches_the_journal_move_creates(dsn):
