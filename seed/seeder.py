@@ -27,7 +27,8 @@ from faker import Faker  # noqa: E402
 from psycopg2 import sql  # noqa: E402
 from psycopg2.extras import execute_values  # noqa: E402
 
-import move  # noqa: E402
+from avatarmove import settings  # noqa: E402
+from avatarmove.copying import describe_error, make_s3_client  # noqa: E402
 
 
 def png(width: int, height: int, pixels: list[bytes]) -> bytes:
@@ -86,11 +87,11 @@ def ensure_table(conn, table: str, column: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = move.Parser(prog="seed/seeder.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("count", type=move.positive_int, help="how many avatars to add")
+    p = settings.Parser(prog="seed/seeder.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("count", type=settings.positive_int, help="how many avatars to add")
     p.add_argument("--avatar-file", metavar="PNG", help="upload this PNG for every avatar "
                    "instead of generated identicons")
-    p.add_argument("--workers", type=move.positive_int, default=32, help="concurrent uploads")
+    p.add_argument("--workers", type=settings.positive_int, default=32, help="concurrent uploads")
     for flag in ("--db", "--source-bucket", "--dest-bucket", "--source-prefix", "--table",
                  "--column"):
         p.add_argument(flag)
@@ -98,35 +99,35 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         # move.py's own defaults, overridden by what the seeder was given.
-        ns = move.build_parser().parse_args([])
+        ns = settings.build_parser().parse_args([])
         for name, value in vars(args).items():
             setattr(ns, name, value)
-        cfg = move.settings_from(ns)
+        cfg = settings.settings_from(ns)
         fixed = None
         if args.avatar_file:
             with open(args.avatar_file, "rb") as f:
                 fixed = f.read()
             if not fixed.startswith(b"\x89PNG\r\n\x1a\n"):
-                raise move.UsageError(f"{args.avatar_file} is not a PNG file")
+                raise settings.UsageError(f"{args.avatar_file} is not a PNG file")
         try:
             conn = psycopg2.connect(cfg.db, connect_timeout=10)
         except psycopg2.Error as exc:
-            raise move.UsageError(f"cannot connect to the database {move.mask_dsn(cfg.db)}: "
-                                  f"{move.first_line(exc)}") from None
-    except (move.UsageError, OSError) as exc:
+            raise settings.UsageError(f"cannot connect to the database {settings.mask_dsn(cfg.db)}: "
+                                  f"{settings.first_line(exc)}") from None
+    except (settings.UsageError, OSError) as exc:
         print(f"seeder.py: error: {exc}", file=sys.stderr)
-        return move.EXIT_USAGE
+        return settings.EXIT_USAGE
 
     started = time.monotonic()
-    s3 = move.make_s3_client(pool=args.workers + 4)
+    s3 = make_s3_client(pool=args.workers + 4)
     try:
         # The destination too, so a sandbox is ready for move.py.
         for bucket in (cfg.source_bucket, cfg.dest_bucket):
             ensure_bucket(s3, bucket)
     except (ClientError, BotoCoreError) as exc:
         print(f"seeder.py: error: cannot create bucket {cfg.source_bucket!r}: "
-              f"{move.describe_error(exc)}", file=sys.stderr)
-        return move.EXIT_USAGE
+              f"{describe_error(exc)}", file=sys.stderr)
+        return settings.EXIT_USAGE
     ensure_table(conn, cfg.table, cfg.column)
 
     keys = avatar_keys(args.count, cfg.source_prefix, Faker())
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                           ContentType="image/png")
             return key
         except (ClientError, BotoCoreError) as exc:
-            print(f"seeder.py: upload of {key} failed: {move.describe_error(exc)}",
+            print(f"seeder.py: upload of {key} failed: {describe_error(exc)}",
                   file=sys.stderr)
             return None
 

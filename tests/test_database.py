@@ -6,12 +6,14 @@ import uuid
 import psycopg2
 import pytest
 
-import move
+from avatarmove.database import Database
+from avatarmove.journal import JOURNAL_COLUMNS, ensure_journal
+from avatarmove.settings import Settings, UsageError
 from conftest import journal_exists
 
 
-def settings(dsn: str) -> move.Settings:
-    return move.Settings(db=dsn, source_bucket="legacy-s3", dest_bucket="production-s3",
+def settings(dsn: str) -> Settings:
+    return Settings(db=dsn, source_bucket="legacy-s3", dest_bucket="production-s3",
                          source_prefix="image/", dest_prefix="avatar/", table="avatars",
                          column="path")
 
@@ -21,7 +23,7 @@ def settings(dsn: str) -> move.Settings:
 
 @contextlib.contextmanager
 def as_role(db, dsn: str, *grants: str, revoke_create: bool = False):
-    """A move.Database logged in as a new role holding only the given grants
+    """A Database logged in as a new role holding only the given grants
     ("SELECT, UPDATE ON avatars", ...); the role is dropped afterwards."""
     role = "migrator_" + uuid.uuid4().hex[:8]  # roles are cluster-wide
     with db.cursor() as cur:
@@ -30,7 +32,7 @@ def as_role(db, dsn: str, *grants: str, revoke_create: bool = False):
             cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         for grant in grants:
             cur.execute(f"GRANT {grant} TO {role}")
-    limited = move.Database(settings(psycopg2.extensions.make_dsn(dsn, user=role)), "r")
+    limited = Database(settings(psycopg2.extensions.make_dsn(dsn, user=role)), "r")
     try:
         limited.preflight()
         yield limited
@@ -47,10 +49,10 @@ def test_shards_starting_together_all_get_the_journal(db, dsn):
     errors = []
 
     def start(i):
-        d = move.Database(settings(dsn), f"run-{i}")
+        d = Database(settings(dsn), f"run-{i}")
         try:
             d.preflight()
-            d.ensure_journal()
+            ensure_journal(d)
         except psycopg2.Error as exc:
             errors.append(exc)
         finally:
@@ -70,14 +72,14 @@ def test_shards_starting_together_all_get_the_journal(db, dsn):
 
 def test_existing_journal_needs_no_create_privilege(db, dsn):
     """A migration role without CREATE on the schema works once the journal exists."""
-    move_db = move.Database(settings(dsn), "setup")
+    move_db = Database(settings(dsn), "setup")
     move_db.preflight()
-    move_db.ensure_journal()
+    ensure_journal(move_db)
     move_db.close()
     with as_role(db, dsn, "SELECT, UPDATE ON avatars",
                  "SELECT, INSERT, UPDATE ON avatars_move_journal",
                  "USAGE ON SEQUENCE avatars_move_journal_id_seq", revoke_create=True) as limited:
-        limited.ensure_journal()  # must not raise "permission denied for schema public"
+        ensure_journal(limited)  # must not raise "permission denied for schema public"
 
 
 OLD_JOURNAL = """CREATE TABLE avatars_move_journal (
@@ -100,11 +102,11 @@ def test_journal_from_an_earlier_version_gets_its_row_ids_column(db, dsn):
     with db.cursor() as cur:
         cur.execute(OLD_JOURNAL)
         cur.execute("INSERT INTO avatars (path) VALUES ('image/a.png')")
-    d = move.Database(settings(dsn), "upgrade")
-    d.ensure_journal()
+    d = Database(settings(dsn), "upgrade")
+    ensure_journal(d)
     assert d.rewrite([("image/a.png", "avatar/a.png")]) == {"image/a.png": 1}
     d.close()
-    assert journal_columns(db) == move.JOURNAL_COLUMNS
+    assert journal_columns(db) == JOURNAL_COLUMNS
     with db.cursor() as cur:
         cur.execute("SELECT old_path, cardinality(tids) FROM avatars_move_journal")
         assert cur.fetchall() == [("image/a.png", 1)]
@@ -115,16 +117,16 @@ def test_old_journal_the_role_cannot_alter_is_a_clear_usage_error(db, dsn):
         cur.execute(OLD_JOURNAL)
     with as_role(db, dsn, "SELECT, UPDATE ON avatars",
                  "SELECT, INSERT, UPDATE ON avatars_move_journal") as limited:
-        with pytest.raises(move.UsageError) as exc:
-            limited.ensure_journal()
+        with pytest.raises(UsageError) as exc:
+            ensure_journal(limited)
     assert "ADD COLUMN tids tid[]" in str(exc.value) and "owner" in str(exc.value)
     assert "tids" not in journal_columns(db)
 
 
 def test_no_journal_and_no_create_privilege_says_what_to_grant(db, dsn):
     with as_role(db, dsn, "SELECT, UPDATE ON avatars", revoke_create=True) as limited:
-        with pytest.raises(move.UsageError) as exc:
-            limited.ensure_journal()
+        with pytest.raises(UsageError) as exc:
+            ensure_journal(limited)
     assert "grant CREATE on the schema" in str(exc.value)
     assert "deploy/prepare.sql" in str(exc.value)
     assert not journal_exists(db)

@@ -3,6 +3,8 @@ sends CopyObject and ListObjectsV2 itself, so it must get every key right."""
 import pytest
 
 import move
+from avatarmove.copying import Boto3Engine
+from avatarmove.listing import Listing, Obj
 from conftest import DEST, SOURCE, insert_rows, keys, moto_backend, rows
 
 TRICKY = [
@@ -71,14 +73,14 @@ def test_a_refused_copy_is_failed_and_its_row_left_alone(engine, endpoint, s3htt
     """An object that vanishes between listing and copy: the server answers 404."""
     s3http.put_object(Bucket=SOURCE, Key="image/ok.png", Body=b"x")
     insert_rows(db, ["image/ok.png", "image/ghost.png"])
-    real = move.Listing._raw_pages
+    real = Listing._raw_pages
 
     def with_ghost(self):
         for page in real(self):
             if self.bucket == SOURCE:
-                page = page + [move.Obj("image/ghost.png", 1, None)]
+                page = page + [Obj("image/ghost.png", 1, None)]
             yield page
-    monkeypatch.setattr(move.Listing, "_raw_pages", with_ghost)
+    monkeypatch.setattr(Listing, "_raw_pages", with_ghost)
 
     code = move.main(["--db", dsn, "--quiet", "--engine", engine])
 
@@ -100,12 +102,12 @@ def test_unordered_listing_falls_back_to_checking_each_destination(s3, db, run, 
     s3.put_object(Bucket=DEST, Key="avatar/a-c.png", Body=b"different")
     insert_rows(db, ["image/a-c.png", "image/a/b.png"])
 
-    real = move.Listing._raw_pages
+    real = Listing._raw_pages
 
     def folder_first(self):
         for page in real(self):
             yield sorted(page, key=lambda o: o.key.split("/"))
-    monkeypatch.setattr(move.Listing, "_raw_pages", folder_first)
+    monkeypatch.setattr(Listing, "_raw_pages", folder_first)
 
     assert run() == 1  # the conflict
     assert s3.get_object(Bucket=DEST, Key="avatar/a-c.png")["Body"].read() == b"different"
@@ -119,13 +121,13 @@ def test_an_unexpected_error_in_one_copy_fails_that_object_and_the_run_ends(s3, 
     for k in ["image/a.png", "image/boom.png", "image/c.png"]:
         s3.put_object(Bucket=SOURCE, Key=k, Body=b"png")
     insert_rows(db, ["image/a.png", "image/boom.png", "image/c.png"])
-    real = move.Boto3Copier.copy
+    real = Boto3Engine.copy
 
     def flaky(self, src_bucket, src_key, dst_bucket, dst_key):
         if src_key == "image/boom.png":
             raise RuntimeError("simulated bug")
         return real(self, src_bucket, src_key, dst_bucket, dst_key)
-    monkeypatch.setattr(move.Boto3Copier, "copy", flaky)
+    monkeypatch.setattr(Boto3Engine, "copy", flaky)
 
     assert run() == 1
     err = capsys.readouterr().err

@@ -13,6 +13,7 @@ import pytest
 from psycopg2 import sql
 
 import move
+from avatarmove.database import Database
 from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, listing, moto_backend, put,
                       rows, stat)
 
@@ -188,7 +189,7 @@ def test_compare_and_set_leaves_rows_the_application_changed(change, row_plan, r
             cur.execute("CREATE INDEX ON avatars (path)")
     statement, expected_row1 = APP_CHANGES[change]
     fired = []
-    real = move.Database.rewrite
+    real = Database.rewrite
 
     def racing_rewrite(self, pairs):
         # the copies are done and the rows were looked up; the application
@@ -198,7 +199,7 @@ def test_compare_and_set_leaves_rows_the_application_changed(change, row_plan, r
                 cur.execute(statement)
             fired.append(pairs)
         return real(self, pairs)
-    monkeypatch.setattr(move.Database, "rewrite", racing_rewrite)
+    monkeypatch.setattr(Database, "rewrite", racing_rewrite)
 
     assert run() == 0
     out = capsys.readouterr().out

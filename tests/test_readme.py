@@ -133,9 +133,10 @@ def test_benchmark_markers():
 
 def test_readme_exit_codes_match_move():
     sys.path.insert(0, str(ROOT))
-    import move
+    from avatarmove import settings
     text = README.read_text(encoding="utf-8")
-    for code in (move.EXIT_OK, move.EXIT_FAILED, move.EXIT_USAGE, move.EXIT_INTERRUPTED):
+    for code in (settings.EXIT_OK, settings.EXIT_FAILED, settings.EXIT_USAGE,
+                 settings.EXIT_INTERRUPTED):
         assert re.search(rf"^\s*\| {code} \|", text, re.M), f"exit code {code} is not documented"
 
 
@@ -217,7 +218,9 @@ def test_prepare_sql_matches_the_journal_move_creates(dsn):
     """deploy/prepare.sql makes the same journal move.py would, so runs accept it."""
     import psycopg2
     sys.path.insert(0, str(ROOT))
-    import move
+    from avatarmove.database import Database
+    from avatarmove.journal import JOURNAL_COLUMNS, ensure_journal
+    from avatarmove.settings import Settings
     sql_text = (DEPLOY / "prepare.sql").read_text(encoding="utf-8")
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
@@ -226,13 +229,13 @@ def test_prepare_sql_matches_the_journal_move_creates(dsn):
         cur.execute(sql_text)
         cur.execute("SELECT column_name FROM information_schema.columns "
                     "WHERE table_name = 'avatars_move_journal'")
-        assert {name for (name,) in cur.fetchall()} == move.JOURNAL_COLUMNS
+        assert {name for (name,) in cur.fetchall()} == JOURNAL_COLUMNS
         cur.execute("INSERT INTO avatars (path) VALUES ('image/a.png')")
-    cfg = move.Settings(db=dsn, source_bucket="legacy-s3", dest_bucket="production-s3",
-                        source_prefix="image/", dest_prefix="avatar/", table="avatars",
-                        column="path")
-    db = move.Database(cfg, "readme-test")
-    db.ensure_journal()
+    cfg = Settings(db=dsn, source_bucket="legacy-s3", dest_bucket="production-s3",
+                   source_prefix="image/", dest_prefix="avatar/", table="avatars",
+                   column="path")
+    db = Database(cfg, "readme-test")
+    ensure_journal(db)
     assert db.rewrite([("image/a.png", "avatar/a.png")]) == {"image/a.png": 1}
     db.close()
     with conn.cursor() as cur:

@@ -26,9 +26,11 @@ from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, move_cmd, put,
                       subprocess_env)
 
 import move
+from avatarmove import copying, report
+from avatarmove.database import Database
 
 OTHER = PNG + b"other content"
-REAL_COPY_ONE = move.copy_one
+REAL_COPY_ONE = copying.copy_one
 
 
 # --------------------------------------------------------------------------- helpers
@@ -71,14 +73,14 @@ def snapshot(client, conn) -> tuple:
 
 def fail_copy_of(monkeypatch, *failing: str) -> None:
     """copy_one fails (as S3 would) for the given source keys, works for the rest."""
-    real = move.copy_one
+    real = copying.copy_one
 
     def copy_one(s3, copier, item, cfg):
         if item.src.key in failing:
             item.action, item.error = "failed", "InternalError: injected failure"
             return item
         return real(s3, copier, item, cfg)
-    monkeypatch.setattr(move, "copy_one", copy_one)
+    monkeypatch.setattr(copying, "copy_one", copy_one)
 
 
 def mixed_state(s3, db) -> None:
@@ -429,7 +431,7 @@ def test_delete_source_only_after_copy_and_rewrite(run, s3, db, capsys, monkeypa
     assert "avatar/f.png" not in keys(s3, DEST)
 
     # the failure heals on a rerun, and only then goes its source
-    monkeypatch.setattr(move, "copy_one", REAL_COPY_ONE)
+    monkeypatch.setattr(copying, "copy_one", REAL_COPY_ONE)
     assert run("--delete-source") == 1  # the conflict stays
     capsys.readouterr()
     assert keys(s3, SOURCE) == ["image/x.png"]
@@ -533,12 +535,12 @@ def test_periodic_progress_log_line_without_a_tty(s3, db, dsn, capsys, monkeypat
     for i in range(3):
         put(s3, f"image/p{i}.png", PNG + bytes([i]))
     insert_rows(db, ["image/p0.png"])
-    real_init = move.Reporter.__init__
+    real_init = report.Reporter.__init__
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         self.last_log = float("-inf")
-    monkeypatch.setattr(move.Reporter, "__init__", init)
+    monkeypatch.setattr(report.Reporter, "__init__", init)
     assert move.main(["--db", dsn, "--engine", "boto3"]) == 0
     out, err = capsys.readouterr()
     assert re.search(r"^INFO progress: \d+ done \(\d+ copied, \d+ rows rewritten, 0 failed\), "
@@ -658,14 +660,14 @@ def test_delete_source_keeps_a_source_a_row_points_at_again(run, s3, db, capsys,
     for k in ("a", "b"):
         put(s3, f"image/{k}.png", PNG + k.encode())
     insert_rows(db, ["image/a.png", "image/b.png", "other/c.png"])
-    real = move.Database.rewrite
+    real = Database.rewrite
 
     def app_writes_meanwhile(self, pairs):
         done = real(self, pairs)
         with db.cursor() as cur:  # autocommit: the application's own transaction
             cur.execute("UPDATE avatars SET path = 'image/a.png' WHERE path = 'other/c.png'")
         return done
-    monkeypatch.setattr(move.Database, "rewrite", app_writes_meanwhile)
+    monkeypatch.setattr(Database, "rewrite", app_writes_meanwhile)
 
     assert run("--delete-source") == 0
     captured = capsys.readouterr()
@@ -674,7 +676,7 @@ def test_delete_source_keeps_a_source_a_row_points_at_again(run, s3, db, capsys,
     assert keys(s3, SOURCE) == ["image/a.png"]  # b went; a stays for its new row
     assert rows(db) == ["avatar/a.png", "avatar/b.png", "image/a.png"]
 
-    monkeypatch.setattr(move.Database, "rewrite", real)
+    monkeypatch.setattr(Database, "rewrite", real)
     assert run("--delete-source") == 0  # the rerun moves that row, then deletes a
     assert rows(db) == ["avatar/a.png", "avatar/b.png", "avatar/a.png"]
     assert keys(s3, SOURCE) == []

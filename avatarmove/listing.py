@@ -1,0 +1,143 @@
+"""Listing: the pages of one prefix, read ahead in a thread; or the keys of a manifest."""
+from __future__ import annotations
+
+import csv
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+from urllib.parse import unquote_plus
+
+from .settings import UsageError
+
+log = logging.getLogger("move")
+
+
+@dataclass(frozen=True)
+class Obj:
+    key: str
+    size: int | None = None
+    etag: str | None = None
+    storage_class: str | None = None
+
+
+class Listing:
+    """Pages of one prefix, in order, checking the order S3 promises.
+
+    The merge in plan() relies on UTF-8 binary order (S3's documented order,
+    and code point order of Python str). A server that lists otherwise (a
+    file-system-backed one may list a folder before its sibling files) is
+    detected here, ahead of planning, and the planner then stops trusting
+    "absent" answers and checks each destination with a HEAD instead.
+
+    `engine` is anything with list_page(bucket, prefix, token, max_keys)
+    -> (objs, next_token): both copy engines are.
+    """
+
+    def __init__(self, engine, bucket: str, prefix: str, page_size: int = 1000):
+        self.engine, self.bucket, self.prefix, self.page_size = engine, bucket, prefix, page_size
+        self.ordered = True
+        self.pages_read = 0
+
+    def _raw_pages(self) -> Iterator[list[Obj]]:
+        token = None
+        while True:
+            objs, token = self.engine.list_page(self.bucket, self.prefix, token, self.page_size)
+            yield objs
+            if not token:
+                return
+
+    def pages(self) -> Iterator[list[Obj]]:
+        last = None
+        for page in self._raw_pages():
+            self.pages_read += 1
+            for o in page:
+                if last is not None and o.key <= last and self.ordered:
+                    self.ordered = False
+                    log.warning("s3://%s lists keys out of binary order (%r after %r): "
+                                "checking each destination before copying", self.bucket,
+                                o.key, last)
+                last = o.key
+            yield page
+
+    def __iter__(self) -> Iterator[Obj]:
+        for page in self.pages():
+            yield from page
+
+
+def listed(listing: Listing, stop: threading.Event) -> Iterator[Obj]:
+    """A listing read a few pages ahead in its own thread, so listing overlaps copying."""
+    for page in prefetch(listing.pages(), 4, stop):
+        yield from page
+
+
+def prefetch(iterable: Iterable, depth: int, stop: threading.Event) -> Iterator:
+    """Run an iterator in a thread, `depth` items ahead.
+
+    The bound keeps memory flat however large the bucket is.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    end = object()
+
+    def pump():
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as exc:  # re-raised where the caller waits
+            q.put(exc)
+
+    threading.Thread(target=pump, name="lister", daemon=True).start()
+    while True:
+        try:
+            item = q.get(timeout=0.2)
+        except queue.Empty:
+            if stop.is_set():
+                return
+            continue
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def is_png(key: str) -> bool:
+    return key.lower().endswith(".png")
+
+
+def read_manifest(path: str, bucket: str, prefix: str) -> Iterator[Obj]:
+    """Keys from an S3 Inventory / Batch Operations CSV (bucket,key[,...]).
+
+    Keys there are URL-encoded, as S3 writes and expects them.
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if not row or (lineno == 1 and row[0].strip().lower() == "bucket"):
+                continue
+            if len(row) < 2:
+                raise UsageError(f"{path}:{lineno}: expected 'bucket,key', got {','.join(row)!r}")
+            if row[0] != bucket:
+                raise UsageError(f"{path}:{lineno}: bucket {row[0]!r} is not the source bucket "
+                                 f"{bucket!r}; fix the manifest or --source-bucket")
+            key = unquote_plus(row[1])
+            if key.startswith(prefix):
+                yield Obj(key)
+
+
+def check_manifest(path: str, bucket: str, prefix: str) -> int:
+    """Read the whole manifest once before anything changes: bad input exits 2."""
+    try:
+        return sum(1 for _ in read_manifest(path, bucket, prefix))
+    except OSError as exc:
+        raise UsageError(f"cannot read manifest {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"manifest {path} is not a UTF-8 CSV: {exc}") from None

@@ -1,0 +1,316 @@
+"""The run: list, plan, copy on a bounded window, rewrite rows in batches.
+
+One coordinating thread owns all state (the Migration's attributes); copies
+finish on worker or CRT threads and come back through one queue.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator
+
+from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError,
+                                 NoCredentialsError, PartialCredentialsError)
+
+from . import copying
+from .copying import RequestCounter, copy_async, copy_confirmed, describe_error, make_engine
+from .database import Database
+from .journal import ensure_journal
+from .listing import Listing, Obj, check_manifest, listed, read_manifest
+from .planning import CHECK, CONFLICT, COPY, DONE, Item, plan, wanted
+from .report import COPIED, FAILED, ROWS_ONLY, SKIPPED, Reporter, Stats, Summary
+from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Settings, UsageError
+
+log = logging.getLogger("move")
+
+
+class Interrupt:
+    """First Ctrl-C/SIGTERM: stop taking work and finish cleanly. Second: leave now.
+
+    Leaving at once is safe: rows are only written after their copy succeeded,
+    in transactions the server rolls back if we vanish mid-way.
+    """
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.previous = {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def uninstall(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, _frame):
+        if self.event.is_set():
+            os.write(2, b"\nmove.py: interrupted again, exiting now\n")
+            os._exit(EXIT_INTERRUPTED)
+        self.event.set()
+        os.write(2, b"\nmove.py: interrupted: finishing copies in flight and writing their "
+                    b"rows (Ctrl-C again to exit now)\n")
+
+
+class Migration:
+    """One pass over the plan. The window of copies in flight is bounded, so
+    memory stays flat and the listing is never read far ahead of the copies."""
+
+    def __init__(self, s3, engine, db: Database, cfg: Settings, reporter: Reporter,
+                 stop: threading.Event, stats: Stats):
+        self.s3, self.engine, self.db, self.cfg = s3, engine, db, cfg
+        self.reporter, self.stop, self.stats = reporter, stop, stats
+        self.done_q: queue.Queue[Item] = queue.Queue()
+        self.inflight = 0
+        self.max_inflight = cfg.workers * 2
+        self.batch: list[Item] = []
+        self.deletes: list[Item] = []
+        self.last_flush = time.monotonic()
+        self.executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="copy")
+
+    def items(self) -> Iterator[Item]:
+        cfg = self.cfg
+        if cfg.manifest:
+            sources: Iterable[Obj] = read_manifest(cfg.manifest, cfg.source_bucket,
+                                                   cfg.source_prefix)
+            return plan(sources, None, cfg)
+        src = Listing(self.engine, cfg.source_bucket, cfg.source_prefix)
+        dest = Listing(self.engine, cfg.dest_bucket, cfg.dest_prefix)
+        return plan(listed(src, self.stop), listed(dest, self.stop), cfg, src, dest)
+
+    def run(self) -> None:
+        try:
+            for item in self.items():
+                self.stats.listed += 1
+                self.dispatch(item)
+                self.drain(block=False)
+                if self.stop.is_set():
+                    break
+            self.wait_in_flight()
+            self.flush()
+            if self.deletes:
+                self.delete_sources()
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def dispatch(self, item: Item) -> None:
+        if item.kind == COPY and self.cfg.dry_run:
+            item.action = COPIED  # would be: nothing to ask S3
+            self.batch.append(item)
+        elif item.kind in (COPY, CHECK):
+            while self.inflight >= self.max_inflight and not self.stop.is_set():
+                self.drain(block=True)
+            if not self.stop.is_set():
+                self.send(item)
+        elif item.kind == DONE:
+            self.batch.append(item)
+        else:
+            item.action = CONFLICT
+            self.finish(item)
+
+    def send(self, item: Item) -> None:
+        self.inflight += 1
+        if (item.kind == COPY and hasattr(self.engine, "start")
+                and (item.src.size or 0) <= self.cfg.multipart_threshold):
+            copy_async(self.engine, item, self.cfg, self.done_q.put)
+        else:
+            self.executor.submit(copying.copy_one, self.s3, self.engine, item, self.cfg) \
+                .add_done_callback(lambda f: f.cancelled() or self.done_q.put(f.result()))
+
+    def take(self, item: Item) -> None:
+        self.inflight -= 1
+        if item.kind == CONFLICT:
+            item.action = CONFLICT
+            self.finish(item)
+        elif item.action == FAILED:
+            self.finish(item)
+        else:
+            self.batch.append(item)
+
+    def drain(self, block: bool) -> None:
+        while self.inflight:
+            try:
+                item = self.done_q.get(timeout=0.2) if block else self.done_q.get_nowait()
+            except queue.Empty:
+                if not block or self.stop.is_set():
+                    break  # not return: the flush check below must run
+                if time.monotonic() - self.last_flush >= 1.0:
+                    self.flush()
+                continue
+            self.take(item)
+            block = False
+        if len(self.batch) >= self.cfg.batch_size or time.monotonic() - self.last_flush >= 1.0:
+            self.flush()
+
+    def wait_in_flight(self) -> None:
+        """Wait for what is in flight; on interrupt, only a few seconds."""
+        deadline = time.monotonic() + (5 if self.stop.is_set() else float("inf"))
+        while self.inflight and time.monotonic() < deadline:
+            try:
+                self.take(self.done_q.get(timeout=0.2))
+            except queue.Empty:
+                pass
+            if len(self.batch) >= self.cfg.batch_size:
+                self.flush()
+        if self.inflight:
+            log.warning("%d copies still in flight were abandoned; a rerun finishes them",
+                        self.inflight)
+
+    def finish(self, item: Item) -> None:
+        self.stats.count(item)
+        self.reporter.item(item, self.stats)
+
+    def flush(self) -> None:
+        """Rewrite the rows of the copies done so far, then report them."""
+        self.last_flush = time.monotonic()
+        if not self.batch:
+            return
+        work, self.batch = self.batch, []
+        cfg, stats = self.cfg, self.stats
+        counts = self.db.lookup([k for i in work for k in (i.src.key, i.dest_key)])
+        pending = [(i.src.key, i.dest_key) for i in work if counts.get(i.src.key)]
+        rewritten = {} if cfg.dry_run else self.db.rewrite(pending)
+        for i in work:
+            i.rows = counts.get(i.src.key, 0) if cfg.dry_run else rewritten.get(i.src.key, 0)
+            stats.rows_rewritten += i.rows
+            if not counts.get(i.src.key) and not counts.get(i.dest_key):
+                stats.objects_without_rows += 1
+            if i.action != COPIED:
+                i.action = ROWS_ONLY if i.rows else SKIPPED
+            self.finish(i)
+            if cfg.delete_source and not cfg.dry_run:
+                self.consider_delete(i)
+        if len(self.deletes) >= 1000:
+            self.delete_sources()
+
+    def consider_delete(self, item: Item) -> None:
+        if item.verified or copy_confirmed(self.s3, self.cfg, item):
+            self.deletes.append(item)
+        else:
+            log.warning("kept source %s: its copy could not be verified (size or ETag "
+                        "differs)", item.src.key)
+
+    def delete_sources(self) -> None:
+        """A source goes only once its copy is confirmed and no row points at it."""
+        work, self.deletes = self.deletes, []
+        for start in range(0, len(work), 1000):
+            chunk = work[start:start + 1000]
+            still = self.db.referenced([i.src.key for i in chunk])
+            for i in chunk:
+                if i.src.key in still:
+                    log.warning("kept source %s: a row points at it again (changed during the "
+                                "run); a rerun rewrites it and then deletes the source", i.src.key)
+            chunk = [i for i in chunk if i.src.key not in still]
+            if not chunk:
+                continue
+            try:
+                resp = self.s3.delete_objects(Bucket=self.cfg.source_bucket, Delete={
+                    "Objects": [{"Key": i.src.key} for i in chunk], "Quiet": True})
+                errors = resp.get("Errors", [])
+            except (ClientError, BotoCoreError) as exc:
+                errors = [{"Key": i.src.key, "Message": describe_error(exc)} for i in chunk]
+            for e in errors:
+                log.error("could not delete source %s: %s", e.get("Key"), e.get("Message"))
+            self.stats.deleted += len(chunk) - len(errors)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event,
+                  requests: RequestCounter) -> int:
+    run_id = new_run_id()
+    db = Database(cfg, run_id, readonly=cfg.dry_run, stop=stop)
+    preflight(s3, db, cfg)
+    db.prepare(create_index=cfg.create_index and not cfg.dry_run)
+    if not cfg.dry_run:
+        ensure_journal(db)
+    engine = make_engine(s3, cfg, requests)
+    log.info("%s %s: s3://%s/%s -> s3://%s/%s, %d workers, %s engine%s",
+             "dry run" if cfg.dry_run else "run", run_id,
+             cfg.source_bucket, cfg.source_prefix, cfg.dest_bucket, cfg.dest_prefix, cfg.workers,
+             engine.name, f", shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "")
+    stats = Stats()
+    reporter = Reporter(cfg, quiet)
+    if reporter.bar is not None and not cfg.manifest:
+        count_in_background(engine, cfg, reporter, stop)
+    interrupted = False
+    try:
+        Migration(s3, engine, db, cfg, reporter, stop, stats).run()
+        interrupted = stop.is_set()
+        if not interrupted:
+            stats.rows_left_under_source, stats.rows_outside = db.table_counts()
+            if cfg.dry_run:  # the plan: what a real run would leave under the source prefix
+                stats.rows_left_under_source -= stats.rows_rewritten
+    finally:
+        reporter.close()
+        db.close()
+    summary = Summary.of(stats, cfg, run_id, db.plan_name, requests.value, interrupted)
+    text = summary.to_text(cfg)
+    log.debug("summary:\n%s", text)  # the log file keeps it too
+    print(summary.to_json() if cfg.json else text, flush=True)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if stats.failed or (stats.conflicts and not cfg.dry_run) else EXIT_OK
+
+
+def count_in_background(engine, cfg: Settings, reporter: Reporter, stop: threading.Event) -> None:
+    """A second, count-only listing gives the progress bar a total and an ETA."""
+    def count():
+        n = 0
+        try:
+            for o in Listing(engine, cfg.source_bucket, cfg.source_prefix):
+                if stop.is_set():
+                    return
+                n += wanted(o.key, cfg)
+            reporter.set_total(n)
+        except Exception:  # the bar just has no total
+            pass
+    threading.Thread(target=count, name="counter", daemon=True).start()
+
+
+def preflight(s3, db: Database | None, cfg: Settings) -> None:
+    """Everything that can be wrong with the setup, checked before anything changes."""
+    if (cfg.source_bucket == cfg.dest_bucket and
+            (cfg.source_prefix.startswith(cfg.dest_prefix) or
+             cfg.dest_prefix.startswith(cfg.source_prefix))):
+        raise UsageError(f"source and destination overlap (s3://{cfg.source_bucket}/"
+                         f"{cfg.source_prefix} and {cfg.dest_prefix}); choose distinct prefixes")
+    for role, bucket in (("source", cfg.source_bucket), ("destination", cfg.dest_bucket)):
+        check_bucket(s3, role, bucket)
+    if cfg.manifest:
+        log.info("manifest %s: %d keys under %s", cfg.manifest,
+                 check_manifest(cfg.manifest, cfg.source_bucket, cfg.source_prefix),
+                 cfg.source_prefix)
+    if db is not None:
+        db.preflight()
+
+
+def check_bucket(s3, role: str, bucket: str) -> None:
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise UsageError(f"{role} bucket {bucket!r} does not exist; check the bucket name "
+                             f"and AWS_ENDPOINT_URL/region") from None
+        if code in ("403", "AccessDenied", "Forbidden"):
+            raise UsageError(f"no access to {role} bucket {bucket!r}; check the credentials and "
+                             "the IAM policy in the README") from None
+        raise UsageError(f"cannot reach {role} bucket {bucket!r}: {describe_error(exc)}") from None
+    except (NoCredentialsError, PartialCredentialsError):
+        raise UsageError("no AWS credentials found; set AWS_PROFILE or AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY (see .env.example)") from None
+    except EndpointConnectionError as exc:
+        raise UsageError(f"cannot reach S3 at {exc.kwargs.get('endpoint_url', '?')}; check "
+                         "AWS_ENDPOINT_URL and the network") from None
+    except BotoCoreError as exc:
+        raise UsageError(f"cannot reach {role} bucket {bucket!r}: {exc}") from None
