@@ -1,0 +1,1 @@
+"""Tools for developing move.py: not part of the product (see sandbox.py)."""
