@@ -5,8 +5,8 @@ move.py as a subprocess.
 """
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -151,11 +151,15 @@ def moto_backend():
     return s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
 
 
-def stat(out: str, label: str) -> int:
-    """A number from the summary: '  <label>   <n>' or '  <label>: <n>'."""
-    m = re.search(rf"^\s+{re.escape(label)}:?\s+(\d+)\s*$", out, re.M)
-    assert m, f"no {label!r} in summary:\n{out}"
-    return int(m.group(1))
+def summary(out: str) -> dict:
+    """The summary of a run made with --json: stdout is exactly one JSON object.
+
+    Tests read the numbers from here, never from the text a person reads (that
+    rendering is tested once, in test_report.py), so a relabelled or realigned
+    line breaks no test that is about what a run did."""
+    lines = out.splitlines()
+    assert len(lines) == 1, f"expected one JSON line on stdout, got:\n{out}"
+    return json.loads(lines[0])
 
 
 def journal_exists(conn) -> bool:
@@ -166,12 +170,13 @@ def journal_exists(conn) -> bool:
 
 @pytest.fixture
 def run(s3, dsn, monkeypatch, tmp_path):
-    """move.main() in-process against moto and the test database."""
+    """move.main() in-process against moto and the test database, with --json:
+    read what a migration did with summary(capsys.readouterr().out)."""
     monkeypatch.chdir(tmp_path)  # no stray .env
 
     def _run(*args: str) -> int:
         # mock_aws patches botocore; the CRT engine would bypass it.
-        return move.main(["--db", dsn, "--quiet", "--engine", "boto3", *args])
+        return move.main(["--db", dsn, "--quiet", "--engine", "boto3", "--json", *args])
     return _run
 
 

@@ -5,7 +5,7 @@ import pytest
 import move
 from avatarmove.copying import Boto3Engine
 from avatarmove.listing import Listing, Obj
-from conftest import DEST, SOURCE, insert_rows, keys, moto_backend, rows
+from conftest import DEST, SOURCE, insert_rows, keys, moto_backend, rows, summary
 
 TRICKY = [
     "image/plain.png",
@@ -48,10 +48,10 @@ def test_tricky_keys_copied_and_rows_rewritten(engine, cli, s3http, db):
     # Sources stay where they were.
     assert len(keys(s3http, SOURCE)) == len(TRICKY + IGNORED)
 
-    rerun = cli("--engine", engine)
+    rerun = cli("--engine", engine, "--json")
     assert rerun.code == 0, rerun.err
-    assert f"skipped (done)         {len(TRICKY)}" in rerun.out
-    assert "copied                 0" in rerun.out
+    assert summary(rerun.out)["skipped"] == len(TRICKY)
+    assert summary(rerun.out)["copied"] == 0
 
 
 def test_crt_lists_past_one_page(cli, s3http, db):
@@ -61,10 +61,10 @@ def test_crt_lists_past_one_page(cli, s3http, db):
     names = [f"image/p{i:05d}.png" for i in range(2100)]
     for k in names:
         backend.put_object(SOURCE, k, b"x")
-    p = cli("--engine", "crt")
+    p = cli("--engine", "crt", "--json")
     assert p.code == 0, p.err
     assert len(keys(s3http, DEST)) == 2100
-    assert "listed PNGs            2100" in p.out
+    assert summary(p.out)["listed"] == 2100
 
 
 @pytest.mark.parametrize("engine", ["crt", "boto3"])
@@ -82,11 +82,11 @@ def test_a_refused_copy_is_failed_and_its_row_left_alone(engine, endpoint, s3htt
             yield page
     monkeypatch.setattr(Listing, "_raw_pages", with_ghost)
 
-    code = move.main(["--db", dsn, "--quiet", "--engine", engine])
+    code = move.main(["--db", dsn, "--quiet", "--engine", engine, "--json"])
 
     out, err = capsys.readouterr()
     assert code == 1
-    assert "failed                 1" in out and "copied                 1" in out
+    assert summary(out)["failed"] == 1 and summary(out)["copied"] == 1
     assert "image/ghost.png" in err and "NoSuchKey" in err
     assert rows(db) == ["avatar/ok.png", "image/ghost.png"]
     assert keys(s3http, DEST) == ["avatar/ok.png"]

@@ -1,17 +1,216 @@
 """avatarmove.report: the summary as data (to_json, what --json prints), its text
 rendering (what a person reads), the counters, and the per-item CSV report.
+
+Every other test reads a run's figures from --json; the text summary is checked
+here only, once through move.main() and once per variant through to_text().
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
+import re
 
-from avatarmove.report import Summary
+import pytest
+
+import move
+from avatarmove.listing import Obj
+from avatarmove.planning import COPY, Item
+from avatarmove.report import ACTION_COUNTERS, Reporter, Stats, Summary
+from avatarmove.settings import Settings
+from conftest import PNG, insert_rows, put, summary
+
+# The keys `move.py --json` promises (others may be added, none taken away).
+JSON_KEYS = {"run_id", "dry_run", "interrupted", "listed", "copied", "rows_only", "skipped",
+             "rows_rewritten", "objects_without_rows", "conflicts", "failed", "deleted",
+             "elapsed_s", "requests", "row_plan", "rows_left_under_source", "rows_outside"}
 
 
-def test_summary_to_json_is_one_object_with_every_field():
-    s = Summary(run_id="r1", dry_run=False, interrupted=False, listed=3, copied=2, rows_only=1,
-                skipped=0, rows_rewritten=3, objects_without_rows=0, conflicts=0, failed=0,
-                deleted=0, elapsed_s=1.5, requests=7, row_plan="batched")
-    d = json.loads(s.to_json())
-    assert d["run_id"] == "r1" and d["copied"] == 2 and d["rows_only"] == 1
-    assert d["requests"] == 7 and d["rows_left_under_source"] is None
+def settings(**kw) -> Settings:
+    base = dict(db="", source_bucket="src", dest_bucket="dst", source_prefix="image/",
+                dest_prefix="avatar/", table="avatars", column="path")
+    base.update(kw)
+    return Settings(**base)
+
+
+def a_summary(**kw) -> Summary:
+    figures = dict(run_id="20250101T000000Z-abc123", dry_run=False, interrupted=False,
+                   listed=11, copied=3, rows_only=2, skipped=4, rows_rewritten=7,
+                   objects_without_rows=1, conflicts=1, failed=1, deleted=0, elapsed_s=2.0,
+                   requests=19, row_plan="snapshot")
+    figures.update(kw)
+    return Summary(**figures)
+
+
+# --------------------------------------------------------------------------- to_json
+
+
+def test_to_json_is_one_line_with_every_documented_key_and_its_value():
+    s = a_summary(rows_left_under_source=5, rows_outside=6)
+    text = s.to_json()
+    assert "\n" not in text  # one line: `move.py --json | jq` and line-based log shippers
+    d = json.loads(text)
+    assert JSON_KEYS <= d.keys()
+    assert {k: d[k] for k in JSON_KEYS} == {
+        "run_id": "20250101T000000Z-abc123", "dry_run": False, "interrupted": False,
+        "listed": 11, "copied": 3, "rows_only": 2, "skipped": 4, "rows_rewritten": 7,
+        "objects_without_rows": 1, "conflicts": 1, "failed": 1, "deleted": 0,
+        "elapsed_s": 2.0, "requests": 19, "row_plan": "snapshot",
+        "rows_left_under_source": 5, "rows_outside": 6}
+
+
+def test_to_json_table_counts_unknown_are_null():
+    """An interrupted run does not count the table: null, not a misleading 0."""
+    d = json.loads(a_summary(interrupted=True).to_json())
+    assert d["interrupted"] is True
+    assert d["rows_left_under_source"] is None and d["rows_outside"] is None
+
+
+def test_summary_of_takes_the_counters_of_the_run():
+    stats = Stats(listed=5, copied=2, rows_only=1, skipped=1, conflicts=1, rows_rewritten=3,
+                  objects_without_rows=1, rows_left_under_source=0, rows_outside=2)
+    d = json.loads(Summary.of(stats, settings(dry_run=True), "rid", "index", 42,
+                              interrupted=False).to_json())
+    assert {k: d[k] for k in ("run_id", "dry_run", "listed", "copied", "rows_only", "skipped",
+                              "conflicts", "failed", "rows_rewritten", "objects_without_rows",
+                              "requests", "row_plan", "rows_left_under_source",
+                              "rows_outside")} == {
+        "run_id": "rid", "dry_run": True, "listed": 5, "copied": 2, "rows_only": 1,
+        "skipped": 1, "conflicts": 1, "failed": 0, "rows_rewritten": 3,
+        "objects_without_rows": 1, "requests": 42, "row_plan": "index",
+        "rows_left_under_source": 0, "rows_outside": 2}
+    assert d["elapsed_s"] >= 0
+
+
+# --------------------------------------------------------------------------- to_text
+
+
+def figure(text: str, label: str) -> int:
+    """The number after a label in the text summary (this file only)."""
+    m = re.search(rf"^  {re.escape(label)}:?\s+(\d+)$", text, re.M)
+    assert m, f"no {label!r} in:\n{text}"
+    return int(m.group(1))
+
+
+def test_default_output_is_the_text_summary(s3, db, dsn, capsys, monkeypatch, tmp_path):
+    """What a person running move.py reads: a title with the run id, then one
+    indented line per figure, with the same figures --json gives."""
+    monkeypatch.chdir(tmp_path)
+    for k in ("a", "b", "c", "d", "e"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    insert_rows(db, ["image/a.png", "image/a.png", "image/gone.png", "other/x.png"])
+
+    assert move.main(["--db", dsn, "--quiet", "--engine", "boto3"]) == 0
+    out, err = capsys.readouterr()
+
+    assert err == ""
+    assert re.match(r"Run \S+\n  listed PNGs +5\n", out), out
+    assert all(line.startswith(("Run ", "  ")) for line in out.splitlines()), out
+    assert {label: figure(out, label) for label in (
+        "listed PNGs", "copied", "rows only", "skipped (done)", "rows rewritten",
+        "objects without rows", "conflicts", "failed",
+        "rows under image/ with no object moved (table-wide)",
+        "rows outside image/ and avatar/ (untouched)")} == {
+        "listed PNGs": 5, "copied": 5, "rows only": 0, "skipped (done)": 0,
+        "rows rewritten": 2, "objects without rows": 4, "conflicts": 0, "failed": 0,
+        "rows under image/ with no object moved (table-wide)": 1,
+        "rows outside image/ and avatar/ (untouched)": 1}
+    assert re.search(r"^  row plan: snapshot; S3 requests: \d+", out, re.M), out
+    assert "sources deleted" not in out  # only with --delete-source
+
+    # the rerun's JSON and text agree on what a rerun does
+    assert move.main(["--db", dsn, "--quiet", "--engine", "boto3", "--json"]) == 0
+    s = summary(capsys.readouterr().out)
+    assert (s["copied"], s["skipped"], s["rows_rewritten"]) == (0, 5, 0)
+
+
+TEXT = {
+    # variant: (summary fields, settings, lines that must be there, text that must not)
+    "run": ({}, {},
+            ["Run 20250101T000000Z-abc123", "  copied                 3",
+             "  rows only              2", "  rows rewritten         7"],
+            ["Dry run", "interrupted", "sources deleted", "table-wide"]),
+    "dry-run": ({"dry_run": True}, {},
+                ["Dry run: nothing was changed", "  to copy                3",
+                 "  to rewrite rows only   2", "  rows to rewrite        7"],
+                ["Run 2025", "  copied ", "rows rewritten"]),
+    "interrupted": ({"interrupted": True}, {},
+                    ["Run 20250101T000000Z-abc123 (interrupted: rerun to finish)"], []),
+    "delete-source": ({"deleted": 9}, {"delete_source": True},
+                      ["  sources deleted        9"], []),
+    "table-counts": ({"rows_left_under_source": 5, "rows_outside": 6}, {},
+                     ["  rows under image/ with no object moved (table-wide): 5",
+                      "  rows outside image/ and avatar/ (untouched): 6"], []),
+}
+
+
+@pytest.mark.parametrize("variant", list(TEXT))
+def test_to_text_labels(variant):
+    fields, cfg, present, absent = TEXT[variant]
+    text = a_summary(**fields).to_text(settings(**cfg))
+    lines = text.splitlines()
+    for line in present:
+        assert line in lines, f"{line!r} not in:\n{text}"
+    for fragment in absent:
+        assert fragment not in text, f"{fragment!r} in:\n{text}"
+    assert re.search(r"^  row plan: snapshot; S3 requests: 19\b", text, re.M), text
+    assert re.search(r"^  elapsed 2\.0s, \d+ objects/s$", text, re.M), text
+
+
+# --------------------------------------------------------------------------- Stats
+
+
+def item(action: str, key: str = "image/a.png", rows: int = 0, error: str = "") -> Item:
+    it = Item(Obj(key, 3), "avatar/" + key[len("image/"):], COPY)
+    it.action, it.rows, it.error = action, rows, error
+    return it
+
+
+@pytest.mark.parametrize("action,counter", sorted(ACTION_COUNTERS.items()))
+def test_stats_count_adds_one_to_the_actions_counter_only(action, counter):
+    stats = Stats()
+    before = dataclasses.asdict(stats)
+    stats.count(item(action))
+    stats.count(item(action, "image/b.png"))
+    after = dataclasses.asdict(stats)
+    assert after[counter] == before[counter] + 2
+    changed = {k for k in after if after[k] != before[k]} - {counter}
+    # a failure may also be tallied by its error code; no other counter moves
+    assert changed <= {"failed_by_code"}, changed
+    assert stats.finished == 2
+
+
+# --------------------------------------------------------------------------- Reporter
+
+
+def test_reporter_writes_the_csv_header_and_one_line_per_item(tmp_path):
+    path = tmp_path / "report.csv"
+    reporter = Reporter(settings(report=str(path), progress=False), quiet=True)
+    stats = Stats()
+    items = [item("copied", "image/a.png", rows=2),
+             item("rows-only", "image/sub/b c.png", rows=1),
+             item("skipped", "image/d.png"),
+             item("failed", "image/f,quoted\".png", error="InternalError: boom, twice")]
+    for it in items:
+        stats.count(it)
+        reporter.item(it, stats)
+    reporter.close()
+
+    with open(path, newline="", encoding="utf-8") as f:
+        lines = list(csv.reader(f))
+    assert lines == [
+        ["source_key", "dest_key", "action", "rows_rewritten", "error"],
+        ["image/a.png", "avatar/a.png", "copied", "2", ""],
+        ["image/sub/b c.png", "avatar/sub/b c.png", "rows-only", "1", ""],
+        ["image/d.png", "avatar/d.png", "skipped", "0", ""],
+        ["image/f,quoted\".png", "avatar/f,quoted\".png", "failed", "0",
+         "InternalError: boom, twice"],
+    ]
+
+
+def test_reporter_without_report_writes_no_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    reporter = Reporter(settings(progress=False), quiet=True)
+    reporter.item(item("copied"), Stats())
+    reporter.close()
+    assert list(tmp_path.iterdir()) == []

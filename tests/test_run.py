@@ -7,7 +7,6 @@ the rows, the exit code and the summary.
 from __future__ import annotations
 
 import csv
-import re
 
 import pytest
 from psycopg2 import sql
@@ -15,7 +14,7 @@ from psycopg2 import sql
 import move
 from avatarmove.database import Database
 from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, listing, moto_backend, put,
-                      rows, stat)
+                      rows, summary)
 
 OTHER = PNG + b"different content"
 
@@ -71,12 +70,12 @@ def test_more_than_one_listing_page(run, s3, db, capsys):
         cur.execute("INSERT INTO avatars (path) SELECT unnest(%s::text[])", (names,))
 
     assert run("--workers", "32") == 0
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
 
     expected = ["avatar/" + k[len("image/"):] for k in names]
     assert keys(s3, DEST) == expected
     assert rows(db) == expected
-    assert (stat(out, "listed PNGs"), stat(out, "copied"), stat(out, "rows rewritten")) \
+    assert (s["listed"], s["copied"], s["rows_rewritten"]) \
         == (n, n, n)
     for k in ("u00000", "u01000", "u01999", "u02499"):  # either side of each page break
         assert body(s3, f"avatar/{k}.png") == PNG + f"image/{k}.png".encode()
@@ -119,7 +118,7 @@ def test_key_mapping(case, run, s3, db, capsys):
     source_before = listing(s3, SOURCE)
 
     assert run() == 0
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
 
     moved = [(src, dst) for src, dst in table if dst]
     assert sorted(keys(s3, DEST)) == sorted(dst for _, dst in moved)
@@ -133,9 +132,9 @@ def test_key_mapping(case, run, s3, db, capsys):
         assert got["CacheControl"] == "max-age=60", dst
     assert rows(db) == [dst or src for src, dst in table]
     assert listing(s3, SOURCE) == source_before
-    assert stat(out, "listed PNGs") == stat(out, "copied") == len(moved)
-    assert stat(out, "rows rewritten") == len(moved)
-    assert stat(out, "rows under image/ with no object moved (table-wide)") == \
+    assert s["listed"] == s["copied"] == len(moved)
+    assert s["rows_rewritten"] == len(moved)
+    assert s["rows_left_under_source"] == \
         sum(1 for src, dst in table if not dst and src.startswith("image/"))
 
 
@@ -150,17 +149,17 @@ def test_rows_many_per_key_missing_objects_objects_without_rows(run, s3, db, cap
                      "image/sub/b.png", *outside])
 
     assert run() == 0
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
 
     assert rows(db) == ["avatar/a.png", "avatar/a.png", "image/gone.png", "avatar/a.png",
                         "avatar/sub/b.png", *outside]
     assert keys(s3, DEST) == ["avatar/a.png", "avatar/norow.png", "avatar/sub/b.png"]
     assert body(s3, "avatar/norow.png") == PNG + b"norow"
-    assert stat(out, "copied") == 3
-    assert stat(out, "rows rewritten") == 4
-    assert stat(out, "objects without rows") == 1
-    assert stat(out, "rows under image/ with no object moved (table-wide)") == 1
-    assert stat(out, "rows outside image/ and avatar/ (untouched)") == len(outside)
+    assert s["copied"] == 3
+    assert s["rows_rewritten"] == 4
+    assert s["objects_without_rows"] == 1
+    assert s["rows_left_under_source"] == 1
+    assert s["rows_outside"] == len(outside)
     assert "avatar/gone.png" not in keys(s3, DEST)
 
 
@@ -202,12 +201,12 @@ def test_compare_and_set_leaves_rows_the_application_changed(change, row_plan, r
     monkeypatch.setattr(Database, "rewrite", racing_rewrite)
 
     assert run() == 0
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
 
     assert fired and ("image/a.png", "avatar/a.png") in fired[0]
     assert rows(db) == [expected_row1, "avatar/a.png", "avatar/b.png"]
-    assert stat(out, "rows rewritten") == 2 + (expected_row1 == "avatar/a.png")
-    assert f"row plan: {row_plan}" in out
+    assert s["rows_rewritten"] == 2 + (expected_row1 == "avatar/a.png")
+    assert s["row_plan"] == row_plan
     assert keys(s3, DEST) == ["avatar/a.png", "avatar/b.png"]
 
 
@@ -218,9 +217,9 @@ def test_compare_and_set_only_rows_holding_the_old_key(run, s3, db, capsys):
             "image//a.png", "image/a.png/", "image/a.pn"]
     insert_rows(db, ["image/a.png", *near])
     assert run() == 0
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
     assert rows(db) == ["avatar/a.png", *near]
-    assert stat(out, "rows rewritten") == 1
+    assert s["rows_rewritten"] == 1
 
 
 # --------------------------------------------------------------------------- resume
@@ -245,7 +244,7 @@ def test_resume(state, run, s3, db, capsys, copies, tmp_path):
     report = tmp_path / "report.csv"
 
     assert run("--report", str(report)) == 0
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
 
     assert rows(db) == ["avatar/x.png", "avatar/y.png"]
     assert body(s3, "avatar/x.png") == PNG + b"x" and body(s3, "avatar/y.png") == PNG + b"y"
@@ -257,17 +256,17 @@ def test_resume(state, run, s3, db, capsys, copies, tmp_path):
     want_x = {"done": ("skipped", "0"), "copied-rows-not-rewritten": ("rows-only", "1"),
               "rewritten-copy-missing": ("copied", "0"), "nothing-done": ("copied", "1")}[state]
     assert actions == {"image/x.png": want_x, "image/y.png": ("copied", "1")}
-    assert stat(out, "copied") == len(expected_copies)
-    assert stat(out, "rows only") == (want_x[0] == "rows-only")
-    assert stat(out, "skipped (done)") == (want_x[0] == "skipped")
-    assert stat(out, "rows rewritten") == 1 + int(want_x[1])
+    assert s["copied"] == len(expected_copies)
+    assert s["rows_only"] == (want_x[0] == "rows-only")
+    assert s["skipped"] == (want_x[0] == "skipped")
+    assert s["rows_rewritten"] == 1 + int(want_x[1])
 
     # and then everything is done: a rerun copies and rewrites nothing
     copies.clear()
     assert run() == 0
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
     assert copies == []
-    assert (stat(out, "copied"), stat(out, "skipped (done)"), stat(out, "rows rewritten")) \
+    assert (s["copied"], s["skipped"], s["rows_rewritten"]) \
         == (0, 2, 0)
 
 
@@ -283,19 +282,20 @@ def test_conflict(overwrite, run, s3, db, capsys):
 
     code = run(*(["--overwrite"] if overwrite else []))
     out, err = capsys.readouterr()
+    s = summary(out)
 
     assert body(s3, "avatar/ok.png") == PNG + b"ok"
     if overwrite:
         assert code == 0
         assert body(s3, "avatar/x.png") == PNG + b"x"
         assert rows(db) == ["avatar/x.png", "avatar/ok.png"]
-        assert (stat(out, "copied"), stat(out, "conflicts")) == (2, 0)
+        assert (s["copied"], s["conflicts"]) == (2, 0)
         assert "conflict" not in err
     else:
         assert code == 1
         assert body(s3, "avatar/x.png") == OTHER
         assert rows(db) == ["image/x.png", "avatar/ok.png"]
-        assert (stat(out, "copied"), stat(out, "conflicts")) == (1, 1)
+        assert (s["copied"], s["conflicts"]) == (1, 1)
         lines = [line for line in err.splitlines() if "conflict" in line]
         assert len(lines) == 1 and "avatar/x.png" in lines[0], err
         assert "--overwrite" in lines[0]
@@ -327,15 +327,16 @@ def test_row_plans_same_outcome(plan, run, s3, db, dsn, capsys, monkeypatch, tmp
 
     # without --quiet, to see the log line naming the plan
     monkeypatch.chdir(tmp_path)
-    code = move.main(["--db", dsn, "--engine", "boto3", *flags])
+    code = move.main(["--db", dsn, "--engine", "boto3", "--json", *flags])
     out, err = capsys.readouterr()
+    s = summary(out)
 
     assert code == 0, err
     assert rows(db) == ["avatar/a.png", "avatar/a.png", "avatar/b.png", "image/gone.png",
                         "other/a.png", "avatar/c/d.png", None]
     assert keys(s3, DEST) == ["avatar/a.png", "avatar/b.png", "avatar/c/d.png"]
-    assert stat(out, "rows rewritten") == 3
-    assert re.search(rf"^  row plan: {plan_name};", out, re.M), out
+    assert s["rows_rewritten"] == 3
+    assert s["row_plan"] == plan_name, out
     assert has_index_on_path(db) == indexed
     if plan == "create-index":
         assert table_exists(db, "avatars_path_move_idx")
@@ -364,10 +365,10 @@ def test_shards_partition_the_keys(n, run, s3, db, capsys, copies):
     for i in range(n):
         copies.clear()
         assert run("--shard", f"{i}/{n}") == 0
-        out = capsys.readouterr().out
+        s = summary(capsys.readouterr().out)
         share = set(copies)
         assert len(share) == len(copies), "a key copied twice in one run"
-        assert stat(out, "listed PNGs") == stat(out, "copied") == len(share)
+        assert s["listed"] == s["copied"] == len(share)
         shares.append(share)
         # this shard's rows, and only them, are rewritten on top of earlier shards'
         done = set().union(*shares)
@@ -384,9 +385,9 @@ def test_shards_partition_the_keys(n, run, s3, db, capsys, copies):
     # a shard rerun, and a full run, find everything done
     copies.clear()
     assert run("--shard", f"0/{n}") == 0
-    assert stat(capsys.readouterr().out, "skipped (done)") == len(shares[0])
+    assert summary(capsys.readouterr().out)["skipped"] == len(shares[0])
     assert run() == 0
-    assert stat(capsys.readouterr().out, "skipped (done)") == len(names)
+    assert summary(capsys.readouterr().out)["skipped"] == len(names)
     assert copies == []
 
 
@@ -426,19 +427,19 @@ def test_manifest_copies_only_listed_keys(style, run, s3, db, capsys, tmp_path, 
     write_manifest(manifest, lines, quote_all=style == "inventory")
 
     assert run("--manifest", str(manifest)) == 0
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
 
     assert sorted(copies) == sorted(MANIFEST_KEYS)
     assert sorted(keys(s3, DEST)) == sorted("avatar/" + k[len("image/"):] for k in MANIFEST_KEYS)
     for k in MANIFEST_KEYS:
         assert body(s3, "avatar/" + k[len("image/"):]) == PNG + k.encode()
     assert rows(db) == ["avatar/" + k[len("image/"):] for k in MANIFEST_KEYS] + NOT_IN_MANIFEST
-    assert stat(out, "listed PNGs") == stat(out, "copied") == len(MANIFEST_KEYS)
+    assert s["listed"] == s["copied"] == len(MANIFEST_KEYS)
 
     copies.clear()
     assert run("--manifest", str(manifest)) == 0  # resumes from a manifest too
-    out = capsys.readouterr().out
-    assert copies == [] and stat(out, "skipped (done)") == len(MANIFEST_KEYS)
+    s = summary(capsys.readouterr().out)
+    assert copies == [] and s["skipped"] == len(MANIFEST_KEYS)
 
 
 def test_manifest_key_missing_from_the_bucket_fails_alone(run, s3, db, capsys, tmp_path):
@@ -449,9 +450,10 @@ def test_manifest_key_missing_from_the_bucket_fails_alone(run, s3, db, capsys, t
 
     assert run("--manifest", str(manifest)) == 1
     out, err = capsys.readouterr()
+    s = summary(out)
     assert keys(s3, DEST) == ["avatar/here.png"]
     assert rows(db) == ["avatar/here.png", "image/gone.png"]
-    assert (stat(out, "copied"), stat(out, "failed")) == (1, 1)
+    assert (s["copied"], s["failed"]) == (1, 1)
     assert "image/gone.png" in err
 
 
@@ -486,12 +488,13 @@ def test_nothing_to_do(contents, run, s3, db, capsys):
 
     assert run() == 0
     out, err = capsys.readouterr()
+    s = summary(out)
 
     assert err == ""
-    assert re.match(r"Run \S+\n", out), out
-    assert (stat(out, "listed PNGs"), stat(out, "copied"), stat(out, "rows rewritten"),
-            stat(out, "failed"), stat(out, "conflicts")) == (0, 0, 0, 0, 0)
-    assert stat(out, "rows under image/ with no object moved (table-wide)") == 1
+    assert s["run_id"] and not s["dry_run"] and not s["interrupted"], out
+    assert (s["listed"], s["copied"], s["rows_rewritten"],
+            s["failed"], s["conflicts"]) == (0, 0, 0, 0, 0)
+    assert s["rows_left_under_source"] == 1
     assert keys(s3, DEST) == []
     assert sorted(keys(s3, SOURCE)) == sorted(contents)
     assert rows(db) == ["image/a.png", "other/b.png"]
@@ -527,7 +530,7 @@ def test_quoted_table_and_column(how, schema, flags, run, s3, db, capsys, monkey
         args = ["--table", table_setting, "--column", "Path", *flags]
 
     assert run(*args) == 0
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
 
     with db.cursor() as cur:
         cur.execute(sql.SQL('SELECT "Path", path FROM {} ORDER BY id').format(table))
@@ -536,7 +539,7 @@ def test_quoted_table_and_column(how, schema, flags, run, s3, db, capsys, monkey
         cur.execute("SELECT to_regclass(%s)", (sql.Identifier(
             *table_parts[:-1], "Avatar Images_move_journal").as_string(cur),))
         assert cur.fetchone()[0] is not None
-    assert stat(out, "rows rewritten") == 2
+    assert s["rows_rewritten"] == 2
     assert keys(s3, DEST) == ["avatar/a.png", "avatar/b.png"]
-    assert f"row plan: {'index' if flags else 'snapshot'};" in out
+    assert s["row_plan"] == ("index" if flags else "snapshot")
     assert rows(db) == []  # the seeder's avatars table is not touched

@@ -1,4 +1,4 @@
-from conftest import DEST, SOURCE, keys, put, rows, insert_rows
+from conftest import DEST, SOURCE, insert_rows, keys, put, rows, summary
 
 
 def test_moves_objects_and_rewrites_rows(run, s3, db):
@@ -14,7 +14,7 @@ def test_moves_objects_and_rewrites_rows(run, s3, db):
 def test_seeder_then_move_as_subprocesses(cli, db, endpoint):
     seeded = cli("25", script="seed/seeder.py")
     assert seeded.code == 0, seeded.err
-    moved = cli()
+    moved = cli("--json")
     assert moved.code == 0, moved.err
-    assert "copied                 25" in moved.out
+    assert summary(moved.out)["copied"] == 25
     assert all(p.startswith("avatar/") for p in rows(db)) and len(rows(db)) == 25

@@ -22,8 +22,8 @@ import time
 import pytest
 from psycopg2.extensions import make_dsn
 
-from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, move_cmd, put, rows, stat,
-                      subprocess_env)
+from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, move_cmd, put, rows,
+                      subprocess_env, summary)
 
 import move
 from avatarmove import copying, report
@@ -37,12 +37,6 @@ REAL_COPY_ONE = copying.copy_one
 
 
 
-
-
-def run_id_of(out: str) -> str:
-    m = re.search(r"^Run (\S+)$", out, re.M)
-    assert m, f"no 'Run <id>' in:\n{out}"
-    return m.group(1)
 
 
 def journal(conn) -> list[tuple]:
@@ -118,27 +112,26 @@ def test_dry_run_writes_nothing_and_prints_the_plan(run, s3, db, capsys):
     assert code == 0, out + err
     assert snapshot(s3, db) == before
     assert not table_exists(db, "avatars_move_journal")
-    assert out.startswith("Dry run: nothing was changed\n")
-    plan = {label: stat(out, label) for label in (
-        "listed PNGs", "to copy", "to rewrite rows only", "skipped (done)", "rows to rewrite",
-        "objects without rows", "conflicts", "failed")}
-    assert plan == {"listed PNGs": 8, "to copy": 3, "to rewrite rows only": 2,
-                    "skipped (done)": 2, "rows to rewrite": 5, "objects without rows": 1,
-                    "conflicts": 1, "failed": 0}
+    s = summary(out)
+    assert s["dry_run"] is True  # the text says "Dry run: nothing was changed" (test_report)
+    plan = {k: s[k] for k in ("listed", "copied", "rows_only", "skipped", "rows_rewritten",
+                              "objects_without_rows", "conflicts", "failed")}
+    assert plan == {"listed": 8, "copied": 3, "rows_only": 2, "skipped": 2,
+                    "rows_rewritten": 5, "objects_without_rows": 1, "conflicts": 1, "failed": 0}
     # rows under image/ left without an object once the run is done: gone0, gone1, x
-    assert stat(out, "rows under image/ with no object moved (table-wide)") == 3
-    assert stat(out, "rows outside image/ and avatar/ (untouched)") == 2
+    assert s["rows_left_under_source"] == 3
+    assert s["rows_outside"] == 2
 
     # The real run does what the dry run said.
     assert run() == 1  # the conflict
-    real = capsys.readouterr().out
-    assert stat(real, "copied") == 3
-    assert stat(real, "rows only") == 2
-    assert stat(real, "skipped (done)") == 2
-    assert stat(real, "rows rewritten") == 5
-    assert stat(real, "objects without rows") == 1
-    assert stat(real, "conflicts") == 1
-    assert stat(real, "rows under image/ with no object moved (table-wide)") == 3
+    real = summary(capsys.readouterr().out)
+    assert real["copied"] == 3
+    assert real["rows_only"] == 2
+    assert real["skipped"] == 2
+    assert real["rows_rewritten"] == 5
+    assert real["objects_without_rows"] == 1
+    assert real["conflicts"] == 1
+    assert real["rows_left_under_source"] == 3
 
 
 def test_dry_run_after_a_finished_migration_has_nothing_to_do(run, s3, db, capsys):
@@ -148,10 +141,9 @@ def test_dry_run_after_a_finished_migration_has_nothing_to_do(run, s3, db, capsy
     capsys.readouterr()
     before = snapshot(s3, db)
     assert run("--dry-run") == 0
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
     assert snapshot(s3, db) == before
-    assert (stat(out, "to copy"), stat(out, "skipped (done)"), stat(out, "rows to rewrite")) \
-        == (0, 1, 0)
+    assert (s["dry_run"], s["copied"], s["skipped"], s["rows_rewritten"]) == (True, 0, 1, 0)
 
 
 # --------------------------------------------------------------------------- --verify
@@ -185,8 +177,8 @@ def test_verify_clean_then_missing_copy_then_rerun_heals(run, s3, db, capsys):
     assert "2 problem(s)" in out
 
     assert run() == 0  # a normal rerun copies it again
-    out = capsys.readouterr().out
-    assert stat(out, "copied") == 1 and stat(out, "skipped (done)") == 2
+    s = summary(capsys.readouterr().out)
+    assert s["copied"] == 1 and s["skipped"] == 2
     assert body(s3, "avatar/b.png") == PNG + b"b"
     assert run("--verify") == 0
     assert "0 problem(s)" in capsys.readouterr().out
@@ -259,7 +251,7 @@ def test_journal_has_one_entry_per_rewritten_key_with_the_run_id(run, s3, db, ca
         put(s3, f"image/{k}.png", PNG + k.encode())
     insert_rows(db, ["image/a.png", "image/a.png", "image/b.png"])  # n has no row
     assert run() == 0
-    rid = run_id_of(capsys.readouterr().out)
+    rid = summary(capsys.readouterr().out)["run_id"]
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", rid)
     assert journal(db) == [(rid, "image/a.png", "avatar/a.png", 2, False),
                            (rid, "image/b.png", "avatar/b.png", 1, False)]
@@ -274,11 +266,11 @@ def test_rollback_latest_and_a_specific_run(run, s3, db, capsys):
         put(s3, f"image/{k}.png", PNG + k.encode())
     insert_rows(db, ["image/a.png", "image/a.png", "image/b.png"])
     assert run() == 0
-    run1 = run_id_of(capsys.readouterr().out)
+    run1 = summary(capsys.readouterr().out)["run_id"]
     put(s3, "image/c.png", PNG + b"c")
     insert_rows(db, ["image/c.png"])
     assert run() == 0
-    run2 = run_id_of(capsys.readouterr().out)
+    run2 = summary(capsys.readouterr().out)["run_id"]
     assert run1 != run2
     assert rows(db) == ["avatar/a.png", "avatar/a.png", "avatar/b.png", "avatar/c.png"]
     dest_before = keys(s3, DEST)
@@ -312,7 +304,7 @@ def test_rollback_latest_picks_the_latest_run(run, s3, db, capsys):
     put(s3, "image/b.png", PNG + b"b")
     insert_rows(db, ["image/b.png"])
     assert run() == 0
-    run2 = run_id_of(capsys.readouterr().out)
+    run2 = summary(capsys.readouterr().out)["run_id"]
     assert run("--rollback") == 0
     assert f"Rollback of run {run2}:" in capsys.readouterr().out
     assert rows(db) == ["avatar/a.png", "image/b.png"]
@@ -325,7 +317,7 @@ def test_rollback_of_one_run_leaves_another_runs_rows_on_the_same_key(run, s3, d
     capsys.readouterr()
     insert_rows(db, ["image/a.png"])  # the application writes an old-style path later
     assert run() == 0
-    run2 = run_id_of(capsys.readouterr().out)
+    run2 = summary(capsys.readouterr().out)["run_id"]
     assert run("--rollback", run2) == 0
     capsys.readouterr()
     assert rows(db) == ["avatar/a.png", "image/a.png"]  # run 1's row (id 1) stays
@@ -336,7 +328,7 @@ def test_rollback_finds_rows_the_application_touched_since(run, s3, db, capsys):
     put(s3, "image/a.png")
     insert_rows(db, ["image/a.png", "image/a.png"])
     assert run() == 0
-    rid = run_id_of(capsys.readouterr().out)
+    rid = summary(capsys.readouterr().out)["run_id"]
     with db.cursor() as cur:
         cur.execute("UPDATE avatars SET path = path WHERE id = 2")  # moves the tuple
     assert run("--rollback", rid) == 0
@@ -349,7 +341,7 @@ def test_rollback_refused_where_the_source_is_gone(run, s3, db, capsys):
         put(s3, f"image/{k}.png", PNG + k.encode())
     insert_rows(db, ["image/a.png", "image/b.png", "image/b.png"])
     assert run() == 0
-    rid = run_id_of(capsys.readouterr().out)
+    rid = summary(capsys.readouterr().out)["run_id"]
     s3.delete_object(Bucket=SOURCE, Key="image/b.png")
 
     assert run("--rollback") == 1
@@ -419,10 +411,10 @@ def test_delete_source_only_after_copy_and_rewrite(run, s3, db, capsys, monkeypa
     watch_deletes(monkeypatch, s3, db, seen)
 
     assert run("--delete-source") == 1  # a conflict and a failure
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
     assert sorted(seen) == ["image/a.png", "image/b.png", "image/d.png", "image/n.png",
                             "image/r.png"]
-    assert stat(out, "sources deleted") == 5
+    assert s["deleted"] == 5
     # conflict and failure keep their source (and their rows)
     assert keys(s3, SOURCE) == ["image/f.png", "image/x.png"]
     assert rows(db) == ["avatar/a.png", "avatar/b.png", "avatar/b.png", "avatar/r.png",
@@ -445,9 +437,9 @@ def test_without_delete_source_nothing_is_deleted(run, s3, db, capsys, monkeypat
     watch_deletes(monkeypatch, s3, db, seen)
     before = keys(s3, SOURCE)
     assert run() == 1  # the conflict
-    out = capsys.readouterr().out
+    s = summary(capsys.readouterr().out)
     assert seen == [] and keys(s3, SOURCE) == before
-    assert "sources deleted" not in out
+    assert s["deleted"] == 0  # and the text leaves the line out (test_report)
 
 
 def test_dry_run_with_delete_source_deletes_nothing(run, s3, db, capsys):
@@ -461,9 +453,9 @@ def test_dry_run_with_delete_source_deletes_nothing(run, s3, db, capsys):
 def test_delete_source_over_http_with_the_default_engine(cli, http_seed, db):
     ks = http_seed(4)
     put(http_seed.client, "avatar/u003.png", OTHER, bucket=DEST)  # conflict: u003 stays
-    p = cli("--delete-source", "--quiet")
+    p = cli("--delete-source", "--quiet", "--json")
     assert p.code == 1, p.err
-    assert stat(p.out, "sources deleted") == 3
+    assert summary(p.out)["deleted"] == 3
     assert keys(http_seed.client, SOURCE) == ["image/u003.png"]
     assert keys(http_seed.client, DEST) == ["avatar/" + k[len("image/"):] for k in ks]
     assert rows(db) == ["avatar/u000.png", "avatar/u001.png", "avatar/u002.png",
@@ -481,8 +473,8 @@ def test_multipart_copy_keeps_bytes_type_and_metadata(run, s3, db, capsys):
     args = ("--multipart-threshold", "8388608", "--multipart-chunksize", "5242880")
 
     assert run(*args) == 0
-    out = capsys.readouterr().out
-    assert stat(out, "copied") == 2
+    s = summary(capsys.readouterr().out)
+    assert s["copied"] == 2
     h = s3.head_object(Bucket=DEST, Key="avatar/big.png")
     assert re.fullmatch(r'"[0-9a-f]{32}-3"', h["ETag"]), h["ETag"]  # 5 + 5 + 2 MiB
     assert h["ContentLength"] == len(big)
@@ -494,9 +486,9 @@ def test_multipart_copy_keeps_bytes_type_and_metadata(run, s3, db, capsys):
     assert rows(db) == ["avatar/big.png", "avatar/small.png"]
 
     assert run(*args) == 0  # done is done, though the ETags differ by design
-    out = capsys.readouterr().out
-    assert stat(out, "copied") == 0 and stat(out, "skipped (done)") == 2
-    assert stat(out, "conflicts") == 0
+    s = summary(capsys.readouterr().out)
+    assert s["copied"] == 0 and s["skipped"] == 2
+    assert s["conflicts"] == 0
 
 
 # --------------------------------------------------------------------------- progress, logging
@@ -519,9 +511,10 @@ def http_seed(endpoint, db):
 
 def test_not_a_tty_no_bar_but_log_lines(cli, http_seed, db):
     http_seed(5)
-    p = cli()
+    p = cli("--json")
     assert p.code == 0, p.err
-    assert "Run " in p.out and stat(p.out, "copied") == 5
+    s = summary(p.out)
+    assert s["run_id"] and not s["dry_run"] and s["copied"] == 5
     lines = p.err.splitlines()
     assert lines and all(re.match(r"(INFO|WARNING|ERROR) ", line) for line in lines), p.err
     assert any(re.match(r"INFO run \S+: s3://legacy-s3/image/ -> s3://production-s3/avatar/",
@@ -541,21 +534,24 @@ def test_periodic_progress_log_line_without_a_tty(s3, db, dsn, capsys, monkeypat
         real_init(self, *args, **kwargs)
         self.last_log = float("-inf")
     monkeypatch.setattr(report.Reporter, "__init__", init)
-    assert move.main(["--db", dsn, "--engine", "boto3"]) == 0
+    assert move.main(["--db", dsn, "--engine", "boto3", "--json"]) == 0
     out, err = capsys.readouterr()
+    s = summary(out)
     assert re.search(r"^INFO progress: \d+ done \(\d+ copied, \d+ rows rewritten, 0 failed\), "
                      r"\d+ obj/s$", err, re.M), err
     assert "%|" not in err
-    assert stat(out, "copied") == 3
+    assert s["copied"] == 3
 
 
 def test_quiet_prints_only_the_summary(cli, http_seed, db):
     http_seed(5)
-    p = cli("--quiet")
+    p = cli("--quiet", "--json")
     assert p.code == 0, p.err
     assert p.err == ""
-    assert re.match(r"Run \S+\n  listed PNGs +5\n", p.out), p.out
-    assert all(line.startswith(("Run ", "  ")) for line in p.out.splitlines()), p.out
+    # summary() asserts stdout is that one JSON line and nothing else; the text
+    # layout of the summary is test_report.py's
+    s = summary(p.out)
+    assert s["run_id"] and not s["dry_run"] and s["listed"] == 5
 
 
 def test_quiet_still_warns_about_conflicts(cli, http_seed, db):
@@ -571,9 +567,9 @@ def test_quiet_still_warns_about_conflicts(cli, http_seed, db):
 def test_log_file_has_the_run_id_and_the_summary(cli, http_seed, db, tmp_path):
     http_seed(3)
     log_file = tmp_path / "run.log"
-    p = cli("--quiet", "--log-file", str(log_file))
+    p = cli("--quiet", "--json", "--log-file", str(log_file))
     assert p.code == 0, p.err
-    rid = run_id_of(p.out)
+    rid = summary(p.out)["run_id"]
     text = log_file.read_text()
     assert re.search(rf"INFO MainThread run {re.escape(rid)}: ", text), text
     assert f"Run {rid}" in text  # the summary, at debug level
@@ -616,14 +612,17 @@ def run_in_pty(args: list[str], env: dict, cwd, timeout: float = 60) -> tuple[in
 
 def test_tty_shows_a_progress_bar(http_seed, dsn, db, tmp_path):
     http_seed(60)
-    code, text = run_in_pty(move_cmd("--workers", "2"), subprocess_env(dsn), tmp_path)
+    code, text = run_in_pty(move_cmd("--workers", "2", "--json"), subprocess_env(dsn), tmp_path)
     assert code == 0, text
     assert "migrating" in text
     assert re.search(r"\bobj/s\]", text), text
     assert re.search(r"100%\|", text), text  # the total arrived: a percentage
     assert "60/60" in text
     assert "\r" in text  # redrawn in place
-    assert stat(text.replace("\r", ""), "copied") == 60
+    # stdout and stderr share the terminal: the summary is the one line that is JSON
+    printed = [line for line in re.split(r"[\r\n]+", text) if line.startswith("{")]
+    assert len(printed) == 1, text
+    assert summary(printed[0])["copied"] == 60
 
 
 # --------------------------------------------------------------------------- secrets
@@ -671,7 +670,7 @@ def test_delete_source_keeps_a_source_a_row_points_at_again(run, s3, db, capsys,
 
     assert run("--delete-source") == 0
     captured = capsys.readouterr()
-    assert "row plan: snapshot" in captured.out
+    assert summary(captured.out)["row_plan"] == "snapshot"
     assert "kept source image/a.png" in captured.err
     assert keys(s3, SOURCE) == ["image/a.png"]  # b went; a stays for its new row
     assert rows(db) == ["avatar/a.png", "avatar/b.png", "image/a.png"]
