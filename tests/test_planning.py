@@ -5,8 +5,10 @@ destination already holds the source, in_shard() splits keys between machines.
 """
 from __future__ import annotations
 
+import pytest
+
 from avatarmove.listing import Obj
-from avatarmove.planning import COPY, DONE, plan
+from avatarmove.planning import CHECK, CONFLICT, COPY, DONE, in_shard, plan, same_content
 from avatarmove.settings import Settings
 
 
@@ -25,3 +27,140 @@ def test_plan_copies_a_missing_destination_and_skips_a_present_one():
         ("image/a.png", "avatar/a.png", DONE),
         ("image/b.png", "avatar/b.png", COPY),
     ]
+
+
+# --------------------------------------------------------------------------- plan(): pairing
+
+# A source listing: PNGs (any case, any depth) under image/, and what is never planned.
+LISTED = [Obj("image/a.png", 3, "ea"), Obj("image/b.png", 3, "eb"),
+          Obj("image/c.png", 3, "ec"), Obj("image/d.PNG", 3, "ed"),
+          Obj("image/readme.txt", 3, "et"), Obj("image/sub/", 0, "es"),
+          Obj("image/sub/deep/e.png", 3, "ee"), Obj("image/x.png.bak", 3, "eg")]
+OUTSIDE = [Obj("images/f.png", 3, "ef"), Obj("other/image/g.png", 3, "eh")]
+
+PAIRING = {
+    # case: (destination listing or None for a manifest, settings, source listing ordered,
+    #        {source key: (kind, destination key, paired destination's ETag)})
+    "nothing-copied-yet": ([], {}, True, {
+        "image/a.png": (COPY, "avatar/a.png", None), "image/b.png": (COPY, "avatar/b.png", None),
+        "image/c.png": (COPY, "avatar/c.png", None), "image/d.PNG": (COPY, "avatar/d.PNG", None),
+        "image/sub/deep/e.png": (COPY, "avatar/sub/deep/e.png", None)}),
+    "done-conflict-copy": (
+        [Obj("avatar/a.png", 3, "ea"), Obj("avatar/b.png", 3, "other"),
+         Obj("avatar/c.png", 4, "ec"), Obj("avatar/zzz.png", 3, "ez")], {}, True, {
+            "image/a.png": (DONE, "avatar/a.png", "ea"),
+            "image/b.png": (CONFLICT, "avatar/b.png", "other"),
+            "image/c.png": (CONFLICT, "avatar/c.png", "ec"),
+            "image/d.PNG": (COPY, "avatar/d.PNG", None),
+            "image/sub/deep/e.png": (COPY, "avatar/sub/deep/e.png", None)}),
+    "overwrite": (
+        [Obj("avatar/a.png", 3, "ea"), Obj("avatar/b.png", 3, "other")],
+        {"overwrite": True}, True, {
+            "image/a.png": (DONE, "avatar/a.png", "ea"),
+            "image/b.png": (COPY, "avatar/b.png", "other"),
+            "image/c.png": (COPY, "avatar/c.png", None),
+            "image/d.PNG": (COPY, "avatar/d.PNG", None),
+            "image/sub/deep/e.png": (COPY, "avatar/sub/deep/e.png", None)}),
+    # a listing out of binary order: "absent" cannot be trusted, each is checked;
+    # what was found is still found
+    "unordered-listing": ([Obj("avatar/a.png", 3, "ea")], {}, False, {
+        "image/a.png": (DONE, "avatar/a.png", "ea"), "image/b.png": (CHECK, "avatar/b.png", None),
+        "image/c.png": (CHECK, "avatar/c.png", None), "image/d.PNG": (CHECK, "avatar/d.PNG", None),
+        "image/sub/deep/e.png": (CHECK, "avatar/sub/deep/e.png", None)}),
+    # a manifest: no destination listing at all, each item is checked by its worker
+    "manifest": (None, {}, True, {
+        "image/a.png": (CHECK, "avatar/a.png", None), "image/b.png": (CHECK, "avatar/b.png", None),
+        "image/c.png": (CHECK, "avatar/c.png", None), "image/d.PNG": (CHECK, "avatar/d.PNG", None),
+        "image/sub/deep/e.png": (CHECK, "avatar/sub/deep/e.png", None)}),
+}
+
+
+class _Listing:
+    """What plan() reads of a Listing: whether its order held."""
+
+    def __init__(self, ordered: bool):
+        self.ordered = ordered
+
+
+@pytest.mark.parametrize("case", list(PAIRING))
+def test_plan_pairs_each_source_png_with_its_destination(case):
+    dests, cfg, ordered, want = PAIRING[case]
+    sources = sorted(LISTED + OUTSIDE, key=lambda o: o.key)
+    items = list(plan(sources, dests, settings(**cfg), src_listing=_Listing(ordered),
+                      dest_listing=_Listing(True)))
+    got = {i.src.key: (i.kind, i.dest_key, i.dest.etag if i.dest else None) for i in items}
+    assert got == want
+    assert [i.src.key for i in items] == sorted(want)  # in listing order, each once
+    assert all(i.verified == (i.kind == DONE) for i in items)
+
+
+def test_plan_with_another_prefix_pair_keeps_the_rest_of_the_key():
+    sources = [Obj("old/pics/u1/a.png", 1), Obj("old/pics2/b.png", 1), Obj("old/x.png", 1)]
+    items = list(plan(sources, [], settings(source_prefix="old/pics/", dest_prefix="new/")))
+    assert [(i.src.key, i.dest_key) for i in items] == [("old/pics/u1/a.png", "new/u1/a.png")]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_plan_with_a_shard_keeps_only_that_shards_keys(n):
+    sources = [Obj(f"image/k{i:03d}.png", 1) for i in range(60)]
+    shares = []
+    for i in range(n):
+        items = list(plan(sources, [], settings(shard=(i, n))))
+        assert all(in_shard(it.src.key[len("image/"):], (i, n)) for it in items)
+        shares.append({it.src.key for it in items})
+    assert sum(len(s) for s in shares) == len(sources)  # pairwise disjoint
+    assert set().union(*shares) == {o.key for o in sources}
+    assert all(shares), "a shard got none of 60 keys"
+
+
+# --------------------------------------------------------------------------- same_content()
+
+SAME_CONTENT = [
+    # (source size, source ETag, destination size, destination ETag, same?)
+    (3, '"aa"', 3, '"aa"', True),  # same size, same MD5
+    (3, '"aa"', 3, '"bb"', False),  # same size, another MD5
+    (3, '"aa"', 4, '"aa"', False),  # another size
+    (3, '"aa"', 3, '"cc-3"', True),  # a multipart copy: its ETag differs by design
+    (3, '"aa-2"', 3, '"cc-3"', True),  # both multipart
+    (3, '"aa-2"', 4, '"aa-2"', False),  # multipart, another size
+    (3, None, 3, '"aa"', True),  # no ETag to compare: the size decides
+    (3, None, 4, None, False),
+    (None, '"aa"', 3, '"aa"', True),  # a manifest gives no size: same MD5 is enough
+    (None, '"aa"', 3, '"bb"', False),
+    (None, None, 3, '"aa"', False),  # nothing known: not the same
+    (None, '"aa-2"', 3, '"aa-2"', False),  # multipart ETags alone prove nothing
+    (3, '"aa"', None, None, False),
+]
+
+
+@pytest.mark.parametrize("src_size,src_etag,dest_size,dest_etag,same", SAME_CONTENT)
+def test_same_content(src_size, src_etag, dest_size, dest_etag, same):
+    assert same_content(Obj("image/a.png", src_size, src_etag),
+                        Obj("avatar/a.png", dest_size, dest_etag)) is same
+
+
+# --------------------------------------------------------------------------- in_shard()
+
+SHARD_KEYS = ["a.png", "sub/b.png", "ü ñ+%.png", "日本/😀.png", "x" * 300 + ".png", "UP.PNG"]
+
+
+@pytest.mark.parametrize("n,expected", [(2, [0, 0, 0, 0, 1, 0]), (3, [2, 1, 2, 0, 2, 0]),
+                                        (4, [2, 2, 0, 2, 3, 0]), (7, [2, 0, 1, 1, 0, 6])])
+def test_in_shard_is_stable(n, expected):
+    """Pinned: shards of one migration run on several machines and may be rerun after
+    an upgrade; a key that changed shard in between would be in none or in two."""
+    assert [next(i for i in range(n) if in_shard(k, (i, n))) for k in SHARD_KEYS] == expected
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 16])
+def test_in_shard_puts_every_key_in_exactly_one_shard(n):
+    keys = SHARD_KEYS + [f"u{i}/{i * 7919}.png" for i in range(500)]
+    for k in keys:
+        assert sum(in_shard(k, (i, n)) for i in range(n)) == 1, k
+    if n > 1:  # and spreads them: no shard is empty or holds nearly everything
+        counts = [sum(in_shard(k, (i, n)) for k in keys) for i in range(n)]
+        assert min(counts) > len(keys) / n / 2, counts
+
+
+def test_in_shard_without_a_shard_takes_every_key():
+    assert all(in_shard(k, None) for k in SHARD_KEYS)
