@@ -1,0 +1,190 @@
+"""Pacing: how many copies are in flight, and how many requests per second go out.
+
+Two controls, both adapting to what S3 answers:
+
+- Window: the number of copies in flight, additive increase and
+  multiplicative decrease as TCP does. It starts small and doubles per round
+  trip (slow start) while throughput keeps growing, then grows by one per
+  round trip. A 503 SlowDown halves it; a sharp rise in latency (the server
+  slowing down) cuts it by a fifth. --workers is its ceiling.
+- Pacer: a token bucket over every request the run sends (copies, listings,
+  HEADs, deletes). --max-rate caps it; a SlowDown lowers the rate for the
+  whole run to what S3 accepted in the last second, instead of only retrying
+  the one request, and the rate then creeps back up.
+
+Both are driven by the clock passed in, so tests run them against a fake
+server in simulated time.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+# Codes that say "slow down" rather than "this request is wrong".
+THROTTLE_CODES = {"SlowDown", "503", "RequestLimitExceeded", "Throttling", "ThrottlingException",
+                  "TooManyRequests", "TooManyRequestsException", "ServiceUnavailable"}
+
+
+class Window:
+    """The adaptive number of copies in flight. Used by the coordinating thread;
+    throttled() may also come from boto3's threads, hence the lock."""
+
+    SLOW_START_EXIT_GAIN = 1.10  # leave slow start when a doubling bought less than 10%
+    LATENCY_RISE = 2.0           # short-term latency over long-term that means "slowing down"
+    LATENCY_RISE_MIN_S = 0.010   # ...and by at least this much: loopback queueing is not S3
+    MIN_ROUND_S = 0.050          # slow start doubles at most this often
+
+    def __init__(self, ceiling: int, start: int = 16, floor: int = 2,
+                 clock: Callable[[], float] = time.monotonic):
+        self.ceiling = max(1, ceiling)
+        self.floor = min(floor, self.ceiling)
+        self.limit = float(max(self.floor, min(start, self.ceiling)))
+        self.ssthresh = float(self.ceiling)
+        self.clock = clock
+        self.srtt: float | None = None  # short-term smoothed latency
+        self.lrtt: float | None = None  # long-term smoothed latency
+        self.last_cut = float("-inf")
+        self.throttles = 0
+        self.peak = int(self.limit)
+        self._lock = threading.Lock()
+        self._epoch_start = clock()
+        self._epoch_done = 0
+        self._epoch_rate: float | None = None
+        self._round_start = clock()
+        self._round_base = self.limit
+
+    @property
+    def size(self) -> int:
+        return max(self.floor, min(self.ceiling, int(self.limit)))
+
+    def succeeded(self, latency: float) -> None:
+        with self._lock:
+            self._observe(latency)
+            now = self.clock()
+            self._end_epoch(now)
+            if (self.srtt > self.LATENCY_RISE * self.lrtt
+                    and self.srtt - self.lrtt > self.LATENCY_RISE_MIN_S
+                    and now - self.last_cut > self.srtt):
+                self._cut(0.8, now)
+            elif self.limit < self.ssthresh:
+                # Slow start: double per round trip, but no faster than per MIN_ROUND_S,
+                # so a fast loopback does not reach the ceiling before the first answer
+                # of a throttling server can say slow down.
+                if now - self._round_start >= max(self.srtt, self.MIN_ROUND_S):
+                    self._round_start, self._round_base = now, self.limit
+                if self.limit < 2 * self._round_base:
+                    self.limit += 1.0
+            else:
+                self.limit += 1.0 / self.limit
+            self.limit = min(self.limit, float(self.ceiling))
+            self.peak = max(self.peak, self.size)
+
+    def throttled(self) -> None:
+        """S3 answered SlowDown: halve, at most once per round trip."""
+        with self._lock:
+            self.throttles += 1
+            now = self.clock()
+            if now - self.last_cut > (self.srtt or 0.05):
+                self._cut(0.5, now)
+
+    def _cut(self, factor: float, now: float) -> None:
+        self.limit = max(float(self.floor), self.limit * factor)
+        self.ssthresh = self.limit
+        self.last_cut = now
+
+    def _observe(self, latency: float) -> None:
+        if self.srtt is None:
+            self.srtt = self.lrtt = latency
+            return
+        self.srtt += (latency - self.srtt) / 8
+        self.lrtt += (latency - self.lrtt) / 64
+
+    def _end_epoch(self, now: float) -> None:
+        """About one round trip's worth of completions: did throughput still grow?"""
+        self._epoch_done += 1
+        elapsed = now - self._epoch_start
+        if self._epoch_done < self.size or elapsed < max(self.srtt or 0.0, 0.005):
+            return
+        rate = self._epoch_done / elapsed
+        if (self.limit < self.ssthresh and self._epoch_rate is not None
+                and rate < self._epoch_rate * self.SLOW_START_EXIT_GAIN):
+            self.ssthresh = self.limit  # the server no longer turns more in flight into more done
+        self._epoch_rate, self._epoch_start, self._epoch_done = rate, now, 0
+
+
+class Pacer:
+    """A token bucket over every request, plus the run's request counters.
+
+    acquire() is called from any thread right before a request goes out;
+    it blocks while the bucket is empty.
+    """
+
+    RECOVERY_PER_S = 0.10  # after a cut, the rate grows back by 10% a second
+
+    def __init__(self, max_rate: float | None = None, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.max_rate = max_rate
+        self.rate = max_rate  # None: no limit until S3 says slow down
+        self.burst = burst
+        self.clock, self.sleep = clock, sleep
+        self.sent = 0
+        self.throttles = 0
+        self._lock = threading.Lock()
+        self._next = clock()
+        self._last_cut = float("-inf")
+        self._last_grow = clock()
+        self._ok: deque[float] = deque()  # times of accepted requests, last second
+        self.on_throttle: list[Callable[[], None]] = []  # e.g. the Window's throttled()
+
+    def acquire(self) -> None:
+        with self._lock:
+            self.sent += 1
+            if self.rate is None:
+                return
+            now = self.clock()
+            self._grow(now)
+            interval = 1.0 / self.rate
+            burst = self.burst if self.burst is not None else max(1.0, self.rate / 10)
+            self._next = max(self._next, now - (burst - 1) * interval)
+            wait = self._next - now
+            self._next += interval
+        if wait > 0:
+            self.sleep(wait)
+
+    def accepted(self) -> None:
+        """A request S3 answered without throttling."""
+        with self._lock:
+            now = self.clock()
+            self._ok.append(now)
+            while self._ok and self._ok[0] < now - 1.0:
+                self._ok.popleft()
+
+    def throttled(self) -> None:
+        """SlowDown: from now on, send no faster than S3 accepted in the last second."""
+        with self._lock:
+            self.throttles += 1
+            now = self.clock()
+            if now - self._last_cut >= 1.0:  # one cut per second: answers to a burst arrive together
+                while self._ok and self._ok[0] < now - 1.0:
+                    self._ok.popleft()
+                accepted = max(1.0, float(len(self._ok)))
+                current = self.rate if self.rate is not None else accepted
+                # Never below half at once: right after a pause little was accepted.
+                self.rate = max(1.0, 0.7 * current, 0.9 * min(current, accepted))
+                if self._ok:  # as if the last second's requests had been sent at the new rate
+                    self._next = max(self._next, self._ok[0] + len(self._ok) / self.rate)
+                self._last_cut = self._last_grow = now
+        for listener in self.on_throttle:
+            listener()
+
+    def _grow(self, now: float) -> None:
+        if self.rate is None or now - self._last_grow < 0.1:
+            return
+        step = self.rate * self.RECOVERY_PER_S * (now - self._last_grow)
+        self._last_grow = now
+        self.rate += max(step, 0.0)
+        if self.max_rate is not None:
+            self.rate = min(self.rate, self.max_rate)
