@@ -32,8 +32,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from psycopg2.extensions import make_dsn
 
-from conftest import (DEST, PNG, SOURCE, ROOT, insert_rows, keys, listing, move_cmd, put, rows,
-                      subprocess_env)
+from conftest import (DEST, PNG, ROOT, SOURCE, insert_rows, keys, listing, move_cmd, put, rows,
+                      subprocess_env, summary)
 from conftest import moto_backend as backend
 from faultproxy import DROP_AFTER, DROP_BEFORE, INTERNAL, OK_ERROR, SLOWDOWN, FaultProxy
 
@@ -97,21 +97,16 @@ def assert_all_done(conn, client, source_keys: list[str]) -> None:
     assert rewritten == len(source_keys) and copies == len(source_keys)
 
 
-def stat(out: str, label: str) -> int:
-    m = re.search(rf"^\s+{re.escape(label)}\s+(\d+)\s*$", out, re.M)
-    assert m, f"no {label!r} in summary:\n{out}"
-    return int(m.group(1))
-
-
 class Bg:
-    """move.py as a background subprocess, output to files (no pipe to fill)."""
+    """move.py --json as a background subprocess, output to files (no pipe to fill):
+    summary(bg.out) is what the run did."""
 
     def __init__(self, tmp_path: Path, dsn: str, *args: str, env: dict | None = None):
         n = len(list(tmp_path.glob("out*.txt")))
         self.out_path, self.err_path = tmp_path / f"out{n}.txt", tmp_path / f"err{n}.txt"
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(move_cmd(*args), cwd=tmp_path, stdout=out, stderr=err,
-                                         env=subprocess_env(dsn, **(env or {})))
+            self.proc = subprocess.Popen(move_cmd("--json", *args), cwd=tmp_path, stdout=out,
+                                         stderr=err, env=subprocess_env(dsn, **(env or {})))
 
     def wait_until(self, cond, timeout: float = 60, what: str = "") -> None:
         deadline = time.monotonic() + timeout
@@ -170,11 +165,11 @@ ENGINES = pytest.mark.parametrize("engine", ["auto", "boto3"], ids=["crt", "boto
 def test_s3_throttling_5xx_and_dropped_connections_are_retried(engine, cli, db, endpoint, client):
     source_keys = seed(db, 300)
     with FaultProxy(endpoint, rate=0.10, seed=20240601) as proxy:
-        p = cli("--workers", "8", "--engine", engine, env={"AWS_ENDPOINT_URL": proxy.url},
-                timeout=180)
+        p = cli("--workers", "8", "--engine", engine, "--json",
+                env={"AWS_ENDPOINT_URL": proxy.url}, timeout=180)
     assert p.code == 0, p.out + p.err
-    assert stat(p.out, "copied") == 300 and stat(p.out, "failed") == 0
-    assert stat(p.out, "rows rewritten") == 300
+    assert summary(p.out)["copied"] == 300 and summary(p.out)["failed"] == 0
+    assert summary(p.out)["rows_rewritten"] == 300
     assert_all_done(db, client, source_keys)
     # the faults really happened, of every kind, and hit the copies themselves
     assert proxy.injected() > 0
@@ -191,12 +186,12 @@ def test_s3_one_key_always_failing_is_reported_and_rerun_finishes(engine, cli, d
     source_keys = seed(db, 20)
     bad = "avatar/u00007.png"
     with FaultProxy(endpoint, rate=0, fail_copy_keys=(bad,)) as proxy:
-        p = cli("--workers", "4", "--max-attempts", "3", "--engine", engine,
+        p = cli("--workers", "4", "--max-attempts", "3", "--engine", engine, "--json",
                 env={"AWS_ENDPOINT_URL": proxy.url})
     assert p.code == 1, p.out + p.err
     # --max-attempts 3 means 3 attempts, every one refused
     assert proxy.by_operation["CopyObject", SLOWDOWN] == 3, proxy.by_operation
-    assert stat(p.out, "failed") == 1 and stat(p.out, "copied") == 19
+    assert summary(p.out)["failed"] == 1 and summary(p.out)["copied"] == 19
     assert re.search(r"ERROR failed: image/u00007.png -> avatar/u00007.png: .*slow.?down",
                      p.err, re.I), p.err
     paths = rows(db)
@@ -205,9 +200,9 @@ def test_s3_one_key_always_failing_is_reported_and_rerun_finishes(engine, cli, d
     assert bad not in keys(client, DEST)
     check_invariant(db, client, source_keys)
 
-    again = cli()  # healthy endpoint
+    again = cli("--json")  # healthy endpoint
     assert again.code == 0, again.out + again.err
-    assert stat(again.out, "copied") == 1 and stat(again.out, "skipped (done)") == 19
+    assert summary(again.out)["copied"] == 1 and summary(again.out)["skipped"] == 19
     assert_all_done(db, client, source_keys)
 
 
@@ -232,11 +227,11 @@ def test_listing_and_bucket_checks_are_retried(cli, db, endpoint, client):
         backend().put_object(DEST, "avatar/" + k[len("image/"):], body_of(k))
     first = {"HeadBucket": 2, "ListObjects": 4}
     with FaultProxy(endpoint, rate=0, fail_first=first) as proxy:
-        p = cli("--workers", "8", env={"AWS_ENDPOINT_URL": proxy.url})
+        p = cli("--workers", "8", "--json", env={"AWS_ENDPOINT_URL": proxy.url})
     assert p.code == 0, p.out + p.err
     assert sum(proxy.by_operation[op, m] for op in first for m in proxy.modes) == 6
     assert proxy.seen["ListObjects"] >= 2 + 2 + 4  # 2 + 2 pages, plus the failed attempts
-    assert stat(p.out, "copied") == 400 and stat(p.out, "rows only") == 1100
+    assert summary(p.out)["copied"] == 400 and summary(p.out)["rows_only"] == 1100
     assert_all_done(db, client, source_keys)
 
 
@@ -312,7 +307,7 @@ def test_postgres_restart_mid_run(row_plan, mode, own_pg, endpoint, client, tmp_
     assert code == 0, run.out + run.err
     # the run really lived through each restart
     assert run.err.count("database connection lost") >= 3, run.err
-    assert f"row plan: {row_plan}" in run.out
+    assert summary(run.out)["row_plan"] == row_plan
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     try:
@@ -386,9 +381,9 @@ def test_kill_9_then_rerun(at, db, dsn, endpoint, client, tmp_path):
     assert again.wait() == 0, again.out + again.err
     assert_all_done(db, client, source_keys)
     # the rerun re-copied only what was not done
-    assert stat(again.out, "copied") == N_KILL - present < N_KILL
-    assert stat(again.out, "skipped (done)") + stat(again.out, "rows only") == present
-    assert stat(again.out, "rows rewritten") == N_KILL - rewritten
+    assert summary(again.out)["copied"] == N_KILL - present < N_KILL
+    assert summary(again.out)["skipped"] + summary(again.out)["rows_only"] == present
+    assert summary(again.out)["rows_rewritten"] == N_KILL - rewritten
     print(f"\nkill -9 at {present}/{N_KILL} copied, {rewritten} rows rewritten; "
           f"rerun copied {N_KILL - present}")
 
@@ -407,7 +402,7 @@ def test_several_kills_in_a_row(db, dsn, endpoint, client, tmp_path):
     final = Bg(tmp_path, dsn, "--workers", "8")
     assert final.wait() == 0, final.out + final.err
     assert_all_done(db, client, source_keys)
-    assert stat(final.out, "copied") == N_KILL - seen[-1][1]
+    assert summary(final.out)["copied"] == N_KILL - seen[-1][1]
     print(f"\nkills at (rows rewritten, copies): {seen}")
 
 
@@ -427,17 +422,17 @@ def test_signal_stops_cleanly_then_rerun(sig, db, dsn, endpoint, client, tmp_pat
     took = time.monotonic() - sent
     assert code == 130, run.out + run.err
     assert took < 10
-    assert "interrupted" in run.out and "listed PNGs" in run.out
+    assert summary(run.out)["interrupted"] is True
     settle()
     rewritten, copies = check_invariant(db, client, source_keys)
     assert copies < N_SIG, "the run finished before the signal"
     # what was copied before the signal got its rows written on the way out
-    assert stat(run.out, "rows rewritten") == rewritten
+    assert summary(run.out)["rows_rewritten"] == rewritten
 
     again = Bg(tmp_path, dsn, "--workers", "8")
     assert again.wait() == 0, again.out + again.err
     assert_all_done(db, client, source_keys)
-    assert stat(again.out, "copied") == N_SIG - copies
+    assert summary(again.out)["copied"] == N_SIG - copies
     print(f"\n{sig.name}: exit 130 after {took:.2f}s with {copies} copied, "
           f"{rewritten} rows rewritten")
 
@@ -482,7 +477,7 @@ def test_sigterm_abandons_stuck_copies_after_5s(engine, db, dsn, endpoint, clien
         took = time.monotonic() - sent
         assert code == 130, run.out + run.err
         assert 4 <= took < 10
-        assert "interrupted" in run.out and "abandoned" in run.err
+        assert summary(run.out)["interrupted"] is True and "abandoned" in run.err
         check_invariant(db, client, source_keys)
         before = dest_count()
         proxy.release.set()  # the abandoned copies complete after the process is gone
@@ -492,7 +487,7 @@ def test_sigterm_abandons_stuck_copies_after_5s(engine, db, dsn, endpoint, clien
     again = Bg(tmp_path, dsn, "--workers", "8")
     assert again.wait() == 0, again.out + again.err
     assert_all_done(db, client, source_keys)
-    assert stat(again.out, "rows only") >= after - before
+    assert summary(again.out)["rows_only"] >= after - before
 
 
 # --------------------------------------------------------------------------- 5. hostile keys
@@ -555,9 +550,9 @@ def test_hostile_keys_default_engine_over_http(rest_list, cli, client, db):
     """move.py as a subprocess against the moto server: the default engine (the CRT when
     installed), which builds its own CopyObject requests."""
     hostile_setup(client, db, rest_list)
-    p = cli("--quiet")
+    p = cli("--quiet", "--json")
     assert p.code == 0, p.out + p.err
-    assert stat(p.out, "copied") == len(rest_list)
+    assert summary(p.out)["copied"] == len(rest_list)
     hostile_check(client, db, rest_list)
 
 
@@ -581,10 +576,11 @@ def test_source_key_at_the_limit_has_no_legal_destination(engine, cli, db, endpo
     backend().put_object(SOURCE, longest, body_of(longest))
     insert_rows(db, [longest])
     with FaultProxy(endpoint, rate=0, max_key_bytes=LIMIT) as proxy:
-        p = cli("--engine", engine, "--max-attempts", "2", env={"AWS_ENDPOINT_URL": proxy.url})
+        p = cli("--engine", engine, "--max-attempts", "2", "--json",
+                env={"AWS_ENDPOINT_URL": proxy.url})
     assert proxy.too_long >= 1
     assert p.code == 1, p.out + p.err
-    assert stat(p.out, "failed") == 1 and stat(p.out, "copied") == 5
+    assert summary(p.out)["failed"] == 1 and summary(p.out)["copied"] == 5
     assert "KeyTooLong" in p.err
     assert rows(db)[-1] == longest
     rewritten, copies = check_invariant(db, client, source_keys)
