@@ -24,17 +24,23 @@ demo: $(STAMP)
 clean:
 	rm -rf $(VENV) .demo .bench .pytest_cache
 
-## make bench [N=5000] [SIZES=5000,50000]: time move.py against s5cmd, rclone,
-## aws s3 cp and the first sketch on a throwaway SeaweedFS + PostgreSQL on
-## 127.0.0.1; prints a Markdown table and writes it into README.md
+## make bench [N=5000] [SIZES=5000,50000] [NET=loopback|latency|ratelimit]
+## [LATENCY_MS=25] [RATE=300]: time move.py against s5cmd, rclone, aws s3 cp and
+## the first sketch on a throwaway SeaweedFS + PostgreSQL on 127.0.0.1, straight
+## (loopback) or through bench/netproxy.py; prints a Markdown table and writes it
+## into README.md, in the section of that network model
 .PHONY: bench
 N ?= 5000
 SIZES ?=
+NET ?= loopback
+LATENCY_MS ?=
+RATE ?=
 BENCH_STAMP := $(VENV)/.installed-bench
 AWSCLI_VENV := .venv-bench-awscli
 
 bench: $(BENCH_STAMP) $(AWSCLI_VENV)/.installed
-	$(PY) bench/run.py -n $(N) --table-scale $(if $(SIZES),--sizes $(SIZES)) --aws $(AWSCLI_VENV)/bin/aws
+	$(PY) bench/run.py -n $(N) --table-scale $(if $(SIZES),--sizes $(SIZES)) --aws $(AWSCLI_VENV)/bin/aws \
+		--network $(NET) $(if $(LATENCY_MS),--latency-ms $(LATENCY_MS)) $(if $(RATE),--rate $(RATE))
 
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt
 	$(PY) -m pip install -q -r bench/requirements.txt
