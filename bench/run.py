@@ -239,15 +239,14 @@ class Bench:
 
     def move_notes(self, row: Row, r: Run, key: str) -> None:
         s = r.summary
-        settings = ("default settings (32 workers)" if key == "move" and not self.args.move_args
-                    else self.args.move_args if key == "move" else "")
+        settings = (self.args.move_args or "default settings") if key == "move" else ""
         parts = [settings] if settings else []
         parts.append(f"row plan {s.get('row_plan', '?')}")
         if s.get("requests") is not None:
             parts.append(f"{s['requests']} S3 requests by its own count")
-        for name in ("slowdowns", "window"):
-            if s.get(name) is not None:
-                parts.append(f"{name} {s[name]}")
+        # its own pacing figures, when this move.py reports them (slowdowns, window...)
+        parts += [f"{name} {value}" for name, value in s.items()
+                  if name.startswith(("slowdown", "window")) and value is not None]
         row.notes.append(", ".join(parts) + ".")
         if row.requests is None:
             row.requests = s.get("requests")

@@ -67,8 +67,8 @@ TOOLS: dict[str, Tool] = {
                    ("{rclone}", "copy", f"bench:{SOURCE}/{SRC[:-1]}", f"bench:{DEST}/{DST[:-1]}",
                     "--transfers", "{transfers}", "--checkers", "{transfers}", "--stats", "0",
                     "--log-level", "INFO"), env=RCLONE_ENV,
-                   note="{transfers} transfers and {transfers} checkers (defaults 4 and 8, like "
-                        "move.py's 32 workers); {server_side:,} copies logged as server-side.",
+                   note="{transfers} transfers and {transfers} checkers (defaults 4 and 8); "
+                        "{server_side:,} copies logged as server-side.",
                    counts=(("server_side", "(server-side copy)"),)),
     "aws": Tool("aws s3 cp", "copy only (recursive)",
                 ("{aws}", "--endpoint-url", "{endpoint}", "s3", "cp", "--recursive",
