@@ -83,9 +83,13 @@ class Postgres:
         return conn
 
     def new_database(self, name: str | None = None) -> str:
-        """A fresh, empty database (a random name, or `name` dropped and made again)."""
+        """A fresh, empty database (a random name, or `name` dropped and made again).
+        On TEST_DATABASE_URL's server a given name gets a "sandbox_" prefix: the server
+        is someone's own, and its "demo" or "bench" may be theirs."""
         from psycopg2 import sql
         from psycopg2.extensions import make_dsn
+        if name and not self.embedded:
+            name = "sandbox_" + name
         name = name or "sb_" + uuid.uuid4().hex[:12]
         conn = self._admin()
         try:

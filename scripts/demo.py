@@ -66,8 +66,9 @@ class Box:
         DEMO.mkdir(exist_ok=True)
         self.pg = start_postgres(DEMO)
         self.dsn = self.pg.new_database("demo")
+        from psycopg2.extensions import parse_dsn
         where = f"data in {DEMO.name}/pg" if self.pg.embedded else "TEST_DATABASE_URL"
-        say(f"PostgreSQL   database demo  ({where})")
+        say(f"PostgreSQL   database {parse_dsn(self.dsn)['dbname']}  ({where})")
         self.moto = start_moto()
         say(f"S3 (moto)    {self.moto.endpoint}  (in memory; buckets {SOURCE} and {DEST})")
         self.env = self.moto.env(self.dsn, S3_SOURCE_BUCKET_NAME=SOURCE,
