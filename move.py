@@ -19,6 +19,8 @@ import psycopg2
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from avatarmove.copying import RequestCounter, S3RequestError, describe_error, make_s3_client
+from avatarmove.database import what_to_fix
+from avatarmove.lock import LockLost
 from avatarmove.rollback import rollback
 from avatarmove.run import Interrupt, run_migration
 from avatarmove.settings import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError,
@@ -49,8 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         print("move.py: error: no AWS credentials found; set AWS_PROFILE or AWS_ACCESS_KEY_ID "
               "and AWS_SECRET_ACCESS_KEY (see .env.example)", file=sys.stderr)
         return EXIT_USAGE
+    except LockLost as exc:
+        print(f"move.py: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except psycopg2.Error as exc:
         log.debug("database error", exc_info=True)  # the traceback, for the log file only
+        fix = what_to_fix(exc)
+        if fix:  # a rerun alone would fail the same way: say what to fix, not "rerun"
+            print(f"move.py: error: database: {first_line(exc)}: {fix}", file=sys.stderr)
+            return EXIT_FAILED
         if interrupt.event.is_set():
             print(f"move.py: interrupted while the database was unreachable "
                   f"({first_line(exc)}): the rows of the last batch stay on their sources, "

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .copying import head
 from .database import Database
 from .journal import ensure_journal, latest_run, run_entries, undo
+from .lock import take as take_lock
 from .run import preflight
 from .settings import EXIT_FAILED, EXIT_OK, Settings, UsageError
 
@@ -16,6 +17,8 @@ from .settings import EXIT_FAILED, EXIT_OK, Settings, UsageError
 def rollback(s3, cfg: Settings, run: str) -> int:
     db = Database(cfg, "rollback")
     preflight(s3, db, cfg)
+    db.check_writable(rollback=True)
+    take_lock(db)  # a rollback racing a run of the same work is as bad as two runs
     ensure_journal(db)
     with db.conn, db.conn.cursor() as cur:
         if run == "latest":

@@ -22,6 +22,7 @@ from . import copying
 from .copying import RequestCounter, copy_async, copy_confirmed, describe_error, make_engine
 from .database import Database
 from .journal import ensure_journal
+from .lock import take as take_lock
 from .listing import Listing, Obj, check_manifest, listed, read_manifest
 from .planning import CHECK, CONFLICT, COPY, DONE, Item, plan, wanted
 from .report import COPIED, FAILED, ROWS_ONLY, SKIPPED, Reporter, Stats, Summary
@@ -230,6 +231,9 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event,
     run_id = new_run_id()
     db = Database(cfg, run_id, readonly=cfg.dry_run, stop=stop)
     preflight(s3, db, cfg)
+    if not cfg.dry_run:  # a dry run only reads, and may run beside a real run
+        db.check_writable()
+        take_lock(db)
     db.prepare(create_index=cfg.create_index and not cfg.dry_run)
     if not cfg.dry_run:
         ensure_journal(db)

@@ -5,11 +5,13 @@ move.py as a subprocess.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,3 +245,63 @@ def cli(endpoint, dsn, tmp_path):
 
 def dsn_password(dsn: str) -> str | None:
     return parse_dsn(dsn).get("password")
+
+
+@pytest.fixture
+def copy_requests(monkeypatch):
+    """Every CopyObject moto serves, counted server-side: (source key, destination
+    key) per request, from move.py in-process or as a subprocess through the HTTP
+    server (which runs in this process). Patched on the class, so it survives
+    moto's resets."""
+    from moto.s3.models import S3Backend
+
+    seen: list[tuple[str, str]] = []
+    real = S3Backend.copy_object
+
+    def copy_object(self, src_key, dest_bucket_name, dest_key_name, *args, **kwargs):
+        seen.append((src_key.name, dest_key_name))
+        return real(self, src_key, dest_bucket_name, dest_key_name, *args, **kwargs)
+    monkeypatch.setattr(S3Backend, "copy_object", copy_object)
+    return seen
+
+
+# ---------------------------------------------------------------- a run caught mid-way
+
+
+@contextlib.contextmanager
+def row_locked(dsn: str, path: str):
+    """Hold the rows of one key FOR UPDATE: the run's batch that rewrites them waits
+    there, so a test finds the run mid-way without racing it."""
+    conn = psycopg2.connect(dsn)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM avatars WHERE path = %s FOR UPDATE", (path,))
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def wait_until(cond, what: str, alive=lambda: True, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert alive(), f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def run_backends(conn, waiting: bool = False) -> list[int]:
+    """Backend pids of runs holding their lock (application_name "move.py <run> ...")."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name LIKE 'move.py %' "
+                    + ("AND wait_event_type = 'Lock'" if waiting else ""))
+        return [pid for (pid,) in cur.fetchall()]
+
+
+def assert_consistent(conn, client, names: list[str]) -> int:
+    """Every row points at an object that exists; returns rows rewritten."""
+    dest, paths = set(keys(client, DEST)), rows(conn)
+    assert [p.split("/", 1)[1] for p in paths] == [k.split("/", 1)[1] for k in names]
+    assert all(p in dest for p in paths if p.startswith("avatar/"))
+    return sum(p.startswith("avatar/") for p in paths)
