@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: test demo venv clean
+.PHONY: test check demo venv clean
 
 venv: $(STAMP)
 
@@ -13,9 +13,16 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-## make test: create .venv, install, run the whole suite
+## make test: create .venv, install, lint (ruff), then the whole suite (CI runs this)
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+## make check: lint, then the fast tests only (-m "not slow": in-process, no
+## subprocess, no HTTP server, no kill or restart); under a minute, for every edit
+check: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not slow"
 
 ## make demo: create .venv, install, then a guided tour in a throwaway sandbox (.demo/)
 demo: $(STAMP)

@@ -42,7 +42,8 @@ def main() -> int:
         with lock:
             counts["errors"] += 1
             if not first_error:
-                first_error.append(f"{key}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
+                first_error.append(
+                    f"{key}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
 
     def move_one(key: str) -> None:
         new_key = DEST_PREFIX + key[len(SOURCE_PREFIX):]

@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             conn = psycopg2.connect(cfg.db, connect_timeout=10)
         except psycopg2.Error as exc:
-            raise settings.UsageError(f"cannot connect to the database {settings.mask_dsn(cfg.db)}: "
-                                  f"{settings.first_line(exc)}") from None
+            raise settings.UsageError(
+                f"cannot connect to the database {settings.mask_dsn(cfg.db)}: "
+                f"{settings.first_line(exc)}") from None
     except (settings.UsageError, OSError) as exc:
         print(f"seeder.py: error: {exc}", file=sys.stderr)
         return settings.EXIT_USAGE

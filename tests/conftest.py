@@ -16,7 +16,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import psycopg2
 import pytest
 from psycopg2 import sql
@@ -29,6 +28,15 @@ import move  # noqa: E402
 
 SOURCE, DEST = "legacy-s3", "production-s3"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24  # enough of a PNG for S3's purposes
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs moto's HTTP server runs move.py end to end (a subprocess, or
+    real HTTP to the CRT): it is slow whether or not its author marked it, and
+    `make check` (-m "not slow") must stay under a minute as tests are added."""
+    for item in items:
+        if "moto_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 # ---------------------------------------------------------------- PostgreSQL

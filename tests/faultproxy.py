@@ -168,7 +168,8 @@ class FaultProxy:
                     return "CopyObject", path
                 bucket_only = "/" not in path.rstrip("/")
                 if self.command == "GET" and bucket_only:
-                    return ("ListObjects" if "list-type" in query or not query else "GetBucket"), path
+                    listing = "list-type" in query or not query
+                    return ("ListObjects" if listing else "GetBucket"), path
                 if self.command == "HEAD":
                     return ("HeadBucket" if bucket_only else "HeadObject"), path
                 return self.command, path
@@ -237,7 +238,8 @@ class FaultProxy:
                 if mode == DROP_BEFORE:
                     return self._drop()
                 if mode in ERRORS or mode == OK_ERROR:
-                    status, reason, code, message = ERRORS.get(mode, (200, "OK") + ERRORS[INTERNAL][2:])
+                    status, reason, code, message = ERRORS.get(
+                        mode, (200, "OK") + ERRORS[INTERNAL][2:])
                     data = error_body(code, message, "/" + bucket_key)
                     self.send_response_only(status, reason)
                     self.send_header("Content-Type", "application/xml")

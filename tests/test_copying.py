@@ -28,6 +28,7 @@ def s3http(endpoint):
     return move.make_s3_client()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["crt", "boto3"])
 def test_tricky_keys_copied_and_rows_rewritten(engine, cli, s3http, db):
     for k in TRICKY + IGNORED:
@@ -54,6 +55,7 @@ def test_tricky_keys_copied_and_rows_rewritten(engine, cli, s3http, db):
     assert summary(rerun.out)["copied"] == 0
 
 
+@pytest.mark.slow
 def test_crt_lists_past_one_page(cli, s3http, db):
     # straight into the server's backend (same process): 2,100 PUTs over HTTP
     # took most of this test's half minute
@@ -67,6 +69,7 @@ def test_crt_lists_past_one_page(cli, s3http, db):
     assert summary(p.out)["listed"] == 2100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["crt", "boto3"])
 def test_a_refused_copy_is_failed_and_its_row_left_alone(engine, endpoint, s3http, db, dsn,
                                                          monkeypatch, capsys):

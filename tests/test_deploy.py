@@ -60,7 +60,8 @@ def test_manifest_is_valid(manifest, version):
             validate(resource, version)
         except kubernetes_validate.ValidationError as e:
             where = ".".join(str(p) for p in e.path)
-            pytest.fail(f"{manifest.name} is not valid for Kubernetes {version}: {where}: {e.message}")
+            pytest.fail(f"{manifest.name} is not valid for Kubernetes {version}: {where}: "
+                        f"{e.message}")
 
 
 def disruption_condition(job: dict) -> dict:
@@ -105,8 +106,9 @@ def test_validator_catches_a_broken_job(version, breakage, error):
 def test_readme_names_the_versions_checked():
     text = (DEPLOY / "README.md").read_text(encoding="utf-8")
     assert f"Needs Kubernetes {K8S_OLDEST} or later" in text
-    assert re.search(rf"schemas of Kubernetes {re.escape(K8S_OLDEST)} and\s+{re.escape(K8S_NEWEST)}\b",
-                     text), "deploy/README.md must say which versions tests/test_deploy.py checks"
+    assert re.search(rf"schemas of Kubernetes {re.escape(K8S_OLDEST)} and\s+"
+                     rf"{re.escape(K8S_NEWEST)}\b", text), \
+        "deploy/README.md must say which versions tests/test_deploy.py checks"
     job_text = (DEPLOY / "migrate-job.yaml").read_text(encoding="utf-8")
     assert f"Needs Kubernetes >= {K8S_OLDEST}" in job_text
     shipped = Version(kubernetes_validate.latest_version())
@@ -162,15 +164,16 @@ class Image:
             elif word in ("COPY", "ADD"):
                 argv = words(args)
                 flags = [a for a in argv if a.startswith("--")]
-                assert not [f for f in flags if f.startswith("--from")], "COPY --from: not from the context"
+                assert not [f for f in flags if f.startswith("--from")], \
+                    "COPY --from: not from the context"
                 *sources, dest = [a for a in argv if not a.startswith("--")]
                 assert "$" not in args and "<<" not in args, f"{word} {args}: not understood here"
                 target = posixpath.normpath(posixpath.join(workdir, dest))
                 is_dir = dest.endswith("/") or target in dirs or len(sources) > 1
                 if is_dir:
                     dirs.add(target)
-                self.copies.append(([[p for p in s.split("/") if p not in ("", ".")] for s in sources],
-                                    target, is_dir))
+                parts = [[p for p in s.split("/") if p not in ("", ".")] for s in sources]
+                self.copies.append((parts, target, is_dir))
             elif word == "ENTRYPOINT":
                 self.entrypoint = words(args)
                 self.workdir = workdir
@@ -259,9 +262,11 @@ def test_image_gets_every_file_the_command_imports():
     needed = files_the_command_needs(image.script)
     assert image.script in needed and "move.py" in needed
     for path in sorted(needed):
-        assert image.sent(path), f"{path}: excluded from the build context by {DOCKERIGNORE.name}"
-        assert image.has(path), (f"{path}: no COPY puts it at {posixpath.join(image.workdir, path)} "
-                                 f"(it goes to {sorted(image.destinations(path)) or 'nowhere'})")
+        assert image.sent(path), \
+            f"{path}: excluded from the build context by {DOCKERIGNORE.name}"
+        assert image.has(path), (
+            f"{path}: no COPY puts it at {posixpath.join(image.workdir, path)} "
+            f"(it goes to {sorted(image.destinations(path)) or 'nowhere'})")
     assert image.has("requirements.txt")  # RUN pip install -r requirements.txt
 
 
@@ -287,9 +292,11 @@ def test_image_does_not_get(path):
 
 @pytest.mark.parametrize("dockerfile_edit, dockerignore_edit", [
     pytest.param(("COPY avatarmove/ avatarmove/\n", ""), None, id="no-COPY"),
-    pytest.param(("COPY avatarmove/ avatarmove/\n", "COPY avatarmove/ .\n"), None, id="COPY-flattened"),
+    pytest.param(("COPY avatarmove/ avatarmove/\n", "COPY avatarmove/ .\n"), None,
+                 id="COPY-flattened"),
     pytest.param(None, ("!avatarmove/\n", ""), id="not-in-dockerignore"),
-    pytest.param(None, ("!avatarmove/\n", "!avatarmove/\navatarmove/*.py\n"), id="re-excluded-later"),
+    pytest.param(None, ("!avatarmove/\n", "!avatarmove/\navatarmove/*.py\n"),
+                 id="re-excluded-later"),
 ])
 def test_a_broken_dockerfile_or_dockerignore_loses_the_package(dockerfile_edit, dockerignore_edit):
     """The checks above can fail: each edit keeps avatarmove/ out of the image."""

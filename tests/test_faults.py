@@ -16,12 +16,10 @@ and a rerun finishes the job.
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,12 +30,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from psycopg2.extensions import make_dsn
 
-from conftest import (DEST, PNG, ROOT, SOURCE, insert_rows, keys, listing, move_cmd, put, rows,
+from conftest import (DEST, PNG, SOURCE, insert_rows, keys, listing, move_cmd, put, rows,
                       subprocess_env, summary)
 from conftest import moto_backend as backend
 from faultproxy import DROP_AFTER, DROP_BEFORE, INTERNAL, OK_ERROR, SLOWDOWN, FaultProxy
 
 import move
+
+# kills, restarts and fault proxies around move.py as a subprocess: make test only
+pytestmark = pytest.mark.slow
 
 # --------------------------------------------------------------------------- helpers
 
@@ -292,7 +293,7 @@ def test_postgres_restart_mid_run(row_plan, mode, own_pg, endpoint, client, tmp_
         run = Bg(tmp_path, dsn, "--batch-size", "50", "--workers", "4",
                  env={"AWS_ENDPOINT_URL": proxy.url})
         for threshold in (100, 800, 1400):
-            run.wait_until(lambda: rewritten() >= threshold, what=f"{threshold} rows rewritten")
+            run.wait_until(lambda t=threshold: rewritten() >= t, what=f"{threshold} rows rewritten")
             copied = dest_count()
             restart_pg(own_pg, mode)
             restarts.append((rewritten(), copied))
@@ -393,7 +394,7 @@ def test_several_kills_in_a_row(db, dsn, endpoint, client, tmp_path):
     seen = []
     for at in (0.10, 0.30, 0.55, 0.85):
         run = Bg(tmp_path, dsn, "--workers", "8", "--batch-size", "100")
-        run.wait_until(lambda: dest_count() >= at * N_KILL, what=f"{at:.0%} copied")
+        run.wait_until(lambda at=at: dest_count() >= at * N_KILL, what=f"{at:.0%} copied")
         run.proc.kill()
         run.proc.wait(10)
         settle()

@@ -188,7 +188,8 @@ def test_secret_example_holds_the_env_example_settings():
     assert required <= keys, f"secret.example.yaml lacks {required - keys}"
     assert keys <= required | optional
     text = (DEPLOY / "secret.example.yaml").read_text(encoding="utf-8")
-    for name in optional - keys - {"AWS_PROFILE"}:  # a profile needs a config file: use keys or a role
+    # a profile needs a config file: use keys or a role
+    for name in optional - keys - {"AWS_PROFILE"}:
         assert f"# {name}:" in text, f"secret.example.yaml does not mention {name}"
     for name in ("migrate-job.yaml", "verify-job.yaml"):
         pod = load_yaml(name)["spec"]["template"]["spec"]

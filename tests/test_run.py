@@ -60,6 +60,7 @@ def copies(monkeypatch):
 # --------------------------------------------------------------------------- volume
 
 
+@pytest.mark.slow  # 2,500 objects through moto: volume, for make test
 def test_more_than_one_listing_page(run, s3, db, capsys):
     n = 2500
     names = [f"image/u{i:05d}.png" for i in range(n)]

@@ -14,6 +14,8 @@ from psycopg2 import sql
 import move
 from conftest import keys
 
+pytestmark = pytest.mark.slow  # seed/seeder.py as a subprocess against moto's HTTP server
+
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FRESH = {"S3_SOURCE_BUCKET_NAME": "seed-legacy", "S3_DEST_BUCKET_NAME": "seed-prod"}
 

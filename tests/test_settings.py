@@ -185,6 +185,7 @@ class TestBadInputInProcess:
         assert state(client, conn) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SUBPROCESS)
 def test_bad_input_as_a_subprocess(case, cli, db, tmp_path):
     client = move.make_s3_client()
@@ -199,6 +200,7 @@ def test_bad_input_as_a_subprocess(case, cli, db, tmp_path):
     assert state(client, db) == before
 
 
+@pytest.mark.slow
 def test_no_aws_credentials(cli, db, tmp_path):
     client = move.make_s3_client()
     fill(client, db)
@@ -272,6 +274,7 @@ def test_config_precedence(case, s3, db, dsn, tmp_path, monkeypatch, capsys):
     assert rows(db) == ["avatar/a.png", "avatar/sub/b.png", "avatar/sub/b.png"]
 
 
+@pytest.mark.slow
 def test_help_exits_0_and_changes_nothing(cli, db, tmp_path):
     client = move.make_s3_client()
     fill(client, db)
@@ -287,6 +290,7 @@ def test_help_exits_0_and_changes_nothing(cli, db, tmp_path):
     assert state(client, db) == before
 
 
+@pytest.mark.slow
 def test_help_needs_no_configuration(tmp_path):
     """--help works before anything is set up: no DSN, no credentials, no server."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}

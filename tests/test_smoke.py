@@ -1,3 +1,5 @@
+import pytest
+
 from conftest import DEST, SOURCE, insert_rows, keys, put, rows, summary
 
 
@@ -11,6 +13,7 @@ def test_moves_objects_and_rewrites_rows(run, s3, db):
     assert keys(s3, SOURCE) == ["image/avatar-1.png", "image/team/avatar-2.png"]
 
 
+@pytest.mark.slow
 def test_seeder_then_move_as_subprocesses(cli, db, endpoint):
     seeded = cli("25", script="seed/seeder.py")
     assert seeded.code == 0, seeded.err

@@ -22,12 +22,11 @@ import time
 import pytest
 from psycopg2.extensions import make_dsn
 
-from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, move_cmd, put, rows,
-                      subprocess_env, summary)
-
 import move
 from avatarmove import copying, report
 from avatarmove.database import Database
+from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, move_cmd, put, rows,
+                      subprocess_env, summary)
 
 OTHER = PNG + b"other content"
 REAL_COPY_ONE = copying.copy_one
@@ -450,6 +449,7 @@ def test_dry_run_with_delete_source_deletes_nothing(run, s3, db, capsys):
     assert snapshot(s3, db) == before
 
 
+@pytest.mark.slow
 def test_delete_source_over_http_with_the_default_engine(cli, http_seed, db):
     ks = http_seed(4)
     put(http_seed.client, "avatar/u003.png", OTHER, bucket=DEST)  # conflict: u003 stays
@@ -509,6 +509,7 @@ def http_seed(endpoint, db):
     return seed
 
 
+@pytest.mark.slow
 def test_not_a_tty_no_bar_but_log_lines(cli, http_seed, db):
     http_seed(5)
     p = cli("--json")
@@ -543,6 +544,7 @@ def test_periodic_progress_log_line_without_a_tty(s3, db, dsn, capsys, monkeypat
     assert s["copied"] == 3
 
 
+@pytest.mark.slow
 def test_quiet_prints_only_the_summary(cli, http_seed, db):
     http_seed(5)
     p = cli("--quiet", "--json")
@@ -554,6 +556,7 @@ def test_quiet_prints_only_the_summary(cli, http_seed, db):
     assert s["run_id"] and not s["dry_run"] and s["listed"] == 5
 
 
+@pytest.mark.slow
 def test_quiet_still_warns_about_conflicts(cli, http_seed, db):
     http_seed(2)
     put(http_seed.client, "avatar/u000.png", OTHER, bucket=DEST)
@@ -564,6 +567,7 @@ def test_quiet_still_warns_about_conflicts(cli, http_seed, db):
     assert "INFO" not in p.err
 
 
+@pytest.mark.slow
 def test_log_file_has_the_run_id_and_the_summary(cli, http_seed, db, tmp_path):
     http_seed(3)
     log_file = tmp_path / "run.log"
@@ -610,6 +614,7 @@ def run_in_pty(args: list[str], env: dict, cwd, timeout: float = 60) -> tuple[in
     return code, b"".join(chunks).decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_tty_shows_a_progress_bar(http_seed, dsn, db, tmp_path):
     http_seed(60)
     code, text = run_in_pty(move_cmd("--workers", "2", "--json"), subprocess_env(dsn), tmp_path)
@@ -628,6 +633,7 @@ def test_tty_shows_a_progress_bar(http_seed, dsn, db, tmp_path):
 # --------------------------------------------------------------------------- secrets
 
 
+@pytest.mark.slow
 def test_log_file_and_report_hold_no_secrets(cli, http_seed, db, dsn, tmp_path):
     password = "Pg-s3cret-Xq7"
     secret_dsn = make_dsn(dsn, password=password)
