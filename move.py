@@ -18,7 +18,9 @@ import sys
 import psycopg2
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
-from avatarmove.copying import RequestCounter, S3RequestError, describe_error, make_s3_client
+from avatarmove.copying import (RequestCounter, S3RequestError, describe_error, error_code,
+                                make_s3_client)
+from avatarmove.incurable import hint, is_incurable
 from avatarmove.database import what_to_fix
 from avatarmove.lock import LockLost
 from avatarmove.rollback import rollback
@@ -32,6 +34,7 @@ from avatarmove.verify import verify
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt = Interrupt()
+    cfg = None
     try:
         setup_logging(args.quiet, args.log_file)
         cfg = settings_from(args)
@@ -68,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"move.py: error: database: {first_line(exc)}; rerun to resume", file=sys.stderr)
         return EXIT_FAILED
     except (ClientError, BotoCoreError, S3RequestError) as exc:
-        print(f"move.py: error: S3: {mask_dsn(describe_error(exc))}; rerun to resume",
-              file=sys.stderr)
+        code = error_code(exc)
+        # A revoked permission or a deleted bucket answers a rerun the same way.
+        then = (f"a rerun cannot cure this: {hint(code, cfg, copying=False)}"
+                if is_incurable(code) else "rerun to resume")
+        print(f"move.py: error: S3: {mask_dsn(describe_error(exc))}; {then}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:
         print(f"move.py: error: {exc}", file=sys.stderr)

@@ -20,7 +20,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from .listing import Obj
-from .planning import CHECK, CONFLICT, COPY, DONE, Item, same_content
+from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, Item, archived,
+                       needs_restore, same_content)
 from .settings import Settings, UsageError
 
 log = logging.getLogger("move")
@@ -67,12 +68,24 @@ def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: i
 class S3RequestError(Exception):
     """A request sent through the CRT that failed after its retries."""
 
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
+
 
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         return f"{err.get('Code', 'Error')}: {err.get('Message', '')}".strip(": ")
     return f"{type(exc).__name__}: {exc}"
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    if isinstance(exc, S3RequestError):
+        return exc.code
+    return type(exc).__name__
 
 
 def head(s3, bucket: str, key: str) -> dict | None:
@@ -86,7 +99,14 @@ def head(s3, bucket: str, key: str) -> dict | None:
 
 def obj_from_head(key: str, h: dict) -> Obj:
     return Obj(key, h.get("ContentLength"), (h.get("ETag") or "").strip('"') or None,
-               h.get("StorageClass"))
+               h.get("StorageClass"), 'ongoing-request="false"' in (h.get("Restore") or ""))
+
+
+def restored(status: dict | None) -> bool:
+    """A listing's RestoreStatus: present once a restore was asked for, and without
+    IsRestoreInProgress once the restored copy can be read (until RestoreExpiryDate)."""
+    return bool(status) and not status.get("IsRestoreInProgress") and \
+        bool(status.get("RestoreExpiryDate"))
 
 
 # ---------------------------------------------------------------- engines
@@ -105,12 +125,15 @@ class Boto3Engine:
 
     def list_page(self, bucket: str, prefix: str, token: str | None,
                   max_keys: int) -> tuple[list[Obj], str | None]:
-        params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        # RestoreStatus: an archived object that was restored can be copied (planning).
+        params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys,
+                  "OptionalObjectAttributes": ["RestoreStatus"]}
         if token:
             params["ContinuationToken"] = token
         page = self.s3.list_objects_v2(**params)
         objs = [Obj(o["Key"], o.get("Size"), (o.get("ETag") or "").strip('"') or None,
-                    o.get("StorageClass")) for o in page.get("Contents", ())]
+                    o.get("StorageClass"), restored(o.get("RestoreStatus")))
+                for o in page.get("Contents", ())]
         return objs, page.get("NextContinuationToken") if page.get("IsTruncated") else None
 
 
@@ -190,7 +213,7 @@ class CrtEngine:
         self._send(*args, lambda *r: result.put(r))
         body, error = result.get()
         if error:
-            raise S3RequestError(error)
+            raise S3RequestError(error, error.partition(":")[0])
         return body
 
     def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
@@ -209,7 +232,7 @@ class CrtEngine:
         self.start(src_bucket, src_key, dst_bucket, dst_key, lambda *r: result.put(r))
         etag, error = result.get()
         if error:
-            raise S3RequestError(error)
+            raise S3RequestError(error, error.partition(":")[0])
         return etag
 
     def list_page(self, bucket: str, prefix: str, token: str | None,
@@ -225,16 +248,23 @@ class CrtEngine:
         params += [("encoding-type", "url"), ("list-type", "2"),
                    ("max-keys", str(max_keys)), ("prefix", prefix)]
         query = "&".join(f"{k}={quote(v, safe='-_.~')}" for k, v in params)
-        root = ET.fromstring(self._wait("GET", bucket, "", query, [], "ListObjectsV2"))
+        root = ET.fromstring(self._wait("GET", bucket, "", query,
+                                        [("x-amz-optional-object-attributes", "RestoreStatus")],
+                                        "ListObjectsV2"))
         ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
         encoded = root.findtext(ns + "EncodingType") == "url"
         objs = []
         for c in root.iterfind(ns + "Contents"):
             key = c.findtext(ns + "Key") or ""
+            status = c.find(ns + "RestoreStatus")
             objs.append(Obj(unquote_plus(key) if encoded else key,
                             int(c.findtext(ns + "Size") or 0),
                             (c.findtext(ns + "ETag") or "").strip('"') or None,
-                            c.findtext(ns + "StorageClass")))
+                            c.findtext(ns + "StorageClass"),
+                            status is not None and restored({
+                                "IsRestoreInProgress":
+                                    status.findtext(ns + "IsRestoreInProgress") == "true",
+                                "RestoreExpiryDate": status.findtext(ns + "RestoreExpiryDate")})))
         truncated = root.findtext(ns + "IsTruncated") == "true"
         return objs, (root.findtext(ns + "NextContinuationToken") if truncated else None)
 
@@ -272,6 +302,10 @@ def copy_one(s3, engine, item: Item, cfg: Settings) -> Item:
                     item.kind = CONFLICT
                     return item
             item.kind = COPY
+            if needs_restore(item.src):  # known only now (a manifest's item, once HEAD said)
+                item.kind = item.action = SKIP_ARCHIVED
+                item.error = archived(item.src, item.dest_key).error
+                return item
         if cfg.dry_run:
             item.action = "copied"
             return item
@@ -284,7 +318,7 @@ def copy_one(s3, engine, item: Item, cfg: Settings) -> Item:
             item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag))
         item.action = "copied"
     except (ClientError, BotoCoreError, LookupError, OSError, S3RequestError) as exc:
-        item.action, item.error = "failed", describe_error(exc)
+        item.action, item.error, item.code = "failed", describe_error(exc), error_code(exc)
     except Exception as exc:  # a bug must fail this object, not hang the coordinator
         log.debug("unexpected error copying %s", item.src.key, exc_info=True)
         item.action, item.error = "failed", f"unexpected {type(exc).__name__}: {exc}"
@@ -294,8 +328,8 @@ def copy_one(s3, engine, item: Item, cfg: Settings) -> Item:
 def copy_async(engine: CrtEngine, item: Item, cfg: Settings, done: Callable[[Item], None]) -> None:
     """The CRT's way of copy_one: no worker thread waits; done(item) gets the outcome."""
     def finished(etag: str | None, error: str | None) -> None:
-        if error:
-            item.action, item.error = "failed", error
+        if error:  # "Code: message"
+            item.action, item.error, item.code = "failed", error, error.partition(":")[0]
         else:
             item.action = "copied"
             item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag))

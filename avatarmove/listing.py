@@ -20,6 +20,9 @@ class Obj:
     size: int | None = None
     etag: str | None = None
     storage_class: str | None = None
+    # An archived object (GLACIER, DEEP_ARCHIVE) whose restored copy is readable now:
+    # it can be copied until the restore expires.
+    restored: bool = False
 
 
 class Listing:
@@ -79,35 +82,39 @@ def prefetch(iterable: Iterable, depth: int, stop: threading.Event) -> Iterator:
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     end = object()
+    left = threading.Event()  # the consumer stopped reading (a run that stopped early)
 
     def pump():
         try:
             for item in iterable:
-                while not stop.is_set():
+                while not (stop.is_set() or left.is_set()):
                     try:
                         q.put(item, timeout=0.2)
                         break
                     except queue.Full:
                         continue
-                if stop.is_set():
+                if stop.is_set() or left.is_set():
                     return
             q.put(end)
         except BaseException as exc:  # re-raised where the caller waits
             q.put(exc)
 
     threading.Thread(target=pump, name="lister", daemon=True).start()
-    while True:
-        try:
-            item = q.get(timeout=0.2)
-        except queue.Empty:
-            if stop.is_set():
+    try:
+        while True:
+            try:
+                item = q.get(timeout=0.2)
+            except queue.Empty:
+                if stop.is_set():
+                    return
+                continue
+            if item is end:
                 return
-            continue
-        if item is end:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:  # also when the consumer drops this generator: the thread must not list on
+        left.set()
 
 
 def is_png(key: str) -> bool:

@@ -14,6 +14,15 @@ from .settings import Settings
 
 # What the plan says to do with an item (Item.kind).
 COPY, CHECK, DONE, CONFLICT = "copy", "check", "done", "conflict"
+# Objects CopyObject cannot copy as they are: skipped without a request, rows left on the
+# source (which exists). The kind is also the item's outcome (report.ACTIONS).
+SKIP_ARCHIVED, SKIP_KEY_TOO_LONG = "archived", "key-too-long"
+UNCOPYABLE = (SKIP_ARCHIVED, SKIP_KEY_TOO_LONG)
+
+# CopyObject refuses to read these until the object is restored; the listing says so.
+ARCHIVED_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+MAX_KEY_BYTES = 1024  # S3's key limit, in UTF-8 bytes
+
 
 
 @dataclass
@@ -22,8 +31,10 @@ class Item:
     dest_key: str
     kind: str
     dest: Obj | None = None
+    seq: int = 0  # its place in the plan: "in a row" for incurable errors is in this order
     action: str = ""  # the outcome, one of report.ACTIONS
     error: str = ""
+    code: str = ""  # S3's error code of the last attempt, e.g. SlowDown, AccessDenied
     rows: int = 0
     verified: bool = False
 
@@ -45,6 +56,21 @@ def same_content(src: Obj, dest: Obj) -> bool:
     return src.size is not None and src.size == dest.size
 
 
+def needs_restore(src: Obj) -> bool:
+    """Archived and not restored: a copy would be refused (InvalidObjectState)."""
+    return src.storage_class in ARCHIVED_CLASSES and not src.restored
+
+
+def key_too_long(key: str) -> bool:
+    return len(key.encode("utf-8")) > MAX_KEY_BYTES
+
+
+def archived(src: Obj, dest_key: str, dest: Obj | None = None) -> Item:
+    return Item(src, dest_key, SKIP_ARCHIVED, dest,
+                error=f"storage class {src.storage_class}, which cannot be copied until the "
+                      "object is restored")
+
+
 def wanted(key: str, cfg: Settings) -> bool:
     """A PNG under the source prefix, in this run's shard."""
     sp = cfg.source_prefix
@@ -57,6 +83,11 @@ def plan(sources: Iterable[Obj], dests: Iterable[Obj] | None, cfg: Settings,
 
     Without a destination listing (a manifest), each item is checked by its
     worker instead.
+
+    An object that cannot be copied as it is becomes SKIP_KEY_TOO_LONG (its
+    destination key would be over S3's limit: no such copy can exist) or, where
+    it would otherwise be copied, SKIP_ARCHIVED. An archived source whose copy
+    is already there is DONE like any other.
     """
     sp, dp = cfg.source_prefix, cfg.dest_prefix
     dest_iter = iter(dests) if dests is not None else None
@@ -65,6 +96,12 @@ def plan(sources: Iterable[Obj], dests: Iterable[Obj] | None, cfg: Settings,
         if not wanted(s.key, cfg):
             continue
         dest_key = dp + s.key[len(sp):]
+        if key_too_long(dest_key):
+            yield Item(s, dest_key, SKIP_KEY_TOO_LONG,
+                       error=f"the destination key is {len(dest_key.encode()):,} bytes, over "
+                             f"S3's {MAX_KEY_BYTES:,}-byte limit (S3 would answer "
+                             "KeyTooLongError)")
+            continue
         if dest_iter is None:
             yield Item(s, dest_key, CHECK)
             continue
@@ -78,8 +115,11 @@ def plan(sources: Iterable[Obj], dests: Iterable[Obj] | None, cfg: Settings,
             if same_content(s, match):
                 yield Item(s, dest_key, DONE, match, verified=True)
             elif cfg.overwrite:
-                yield Item(s, dest_key, COPY, match)
+                yield archived(s, dest_key, match) if needs_restore(s) else \
+                    Item(s, dest_key, COPY, match)
             else:
                 yield Item(s, dest_key, CONFLICT, match)
-        else:
-            yield Item(s, dest_key, COPY if trusted else CHECK)
+        elif trusted:
+            yield archived(s, dest_key) if needs_restore(s) else Item(s, dest_key, COPY)
+        else:  # the copy may exist after all (done): the worker looks first
+            yield Item(s, dest_key, CHECK)

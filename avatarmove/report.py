@@ -9,17 +9,26 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
-from .planning import Item
+from .planning import SKIP_ARCHIVED, SKIP_KEY_TOO_LONG, Item
 from .settings import Settings
 
 log = logging.getLogger("move")
 
 # An item's outcome (Item.action) and the counter it adds to.
 COPIED, ROWS_ONLY, SKIPPED, CONFLICT, FAILED = "copied", "rows-only", "skipped", "conflict", "failed"
+# Objects that cannot be copied as they are (planning's kinds): skipped, rows left alone.
+ARCHIVED, KEY_TOO_LONG = SKIP_ARCHIVED, SKIP_KEY_TOO_LONG
 ACTION_COUNTERS = {COPIED: "copied", ROWS_ONLY: "rows_only", SKIPPED: "skipped",
-                   CONFLICT: "conflicts", FAILED: "failed"}
+                   CONFLICT: "conflicts", FAILED: "failed", ARCHIVED: "archived",
+                   KEY_TOO_LONG: "key_too_long"}
+
+# Per-object lines of one kind that reach the terminal; the rest go only to --report
+# and --log-file. Thousands of identical lines hide the one line that matters.
+TERMINAL_LINES = 20
+
 
 
 @dataclass
@@ -36,14 +45,22 @@ class Stats:
     rows_left_under_source: int | None = None
     rows_outside: int | None = None
     started: float = field(default_factory=time.monotonic)
+    archived: int = 0
+    key_too_long: int = 0
+    failed_by_code: Counter = field(default_factory=Counter)
+    stopped: str | None = None  # why the run stopped taking work (errors a rerun cannot cure)
 
     @property
     def finished(self) -> int:
-        return self.copied + self.rows_only + self.skipped + self.conflicts + self.failed
+        return (self.copied + self.rows_only + self.skipped + self.conflicts + self.failed
+                + self.archived + self.key_too_long)
 
     def count(self, item: Item) -> None:
         name = ACTION_COUNTERS[item.action]
         setattr(self, name, getattr(self, name) + 1)
+        if item.action == FAILED:
+            self.failed_by_code[item.code or "unknown"] += 1
+
 
 
 @dataclass
@@ -66,6 +83,10 @@ class Summary:
     row_plan: str
     rows_left_under_source: int | None = None
     rows_outside: int | None = None
+    archived: int = 0  # archived (GLACIER, DEEP_ARCHIVE): restore first
+    key_too_long: int = 0  # destination key over S3's 1,024 bytes
+    failed_by_code: dict[str, int] = field(default_factory=dict)  # S3 error code -> objects
+    stopped: str | None = None  # set when errors a rerun cannot cure stopped the run
 
     @classmethod
     def of(cls, stats: Stats, cfg: Settings, run_id: str, row_plan: str, requests: int,
@@ -77,16 +98,22 @@ class Summary:
                    failed=stats.failed, deleted=stats.deleted,
                    elapsed_s=round(time.monotonic() - stats.started, 3), requests=requests,
                    row_plan=row_plan, rows_left_under_source=stats.rows_left_under_source,
-                   rows_outside=stats.rows_outside)
+                   rows_outside=stats.rows_outside, archived=stats.archived,
+                   key_too_long=stats.key_too_long,
+                   failed_by_code=dict(stats.failed_by_code.most_common()),
+                   stopped=stats.stopped)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=False)
 
     def to_text(self, cfg: Settings) -> str:
-        finished = self.copied + self.rows_only + self.skipped + self.conflicts + self.failed
+        finished = (self.copied + self.rows_only + self.skipped + self.conflicts + self.failed
+                    + self.archived + self.key_too_long)
         rate = finished / self.elapsed_s if self.elapsed_s > 0 else 0.0
         title = "Dry run: nothing was changed" if self.dry_run else f"Run {self.run_id}"
-        if self.interrupted:
+        if self.stopped:  # a rerun would meet the same errors: no "rerun" here
+            title += " (stopped: errors a rerun cannot cure, see below)"
+        elif self.interrupted:
             title += " (interrupted: rerun to finish)"
         verb = "to copy" if self.dry_run else "copied"
         rows_verb = "rows to rewrite" if self.dry_run else "rows rewritten"
@@ -99,8 +126,13 @@ class Summary:
             f"  {rows_verb:<22} {self.rows_rewritten}",
             f"  objects without rows   {self.objects_without_rows}",
             f"  conflicts              {self.conflicts}",
+            f"  archived (restore first) {self.archived}",
+            f"  key too long           {self.key_too_long}",
             f"  failed                 {self.failed}",
         ]
+        if self.failed_by_code:
+            lines.append("  failures by code: " +
+                         ", ".join(f"{code} {n}" for code, n in self.failed_by_code.items()))
         if cfg.delete_source:
             lines.append(f"  sources deleted        {self.deleted}")
         if self.rows_left_under_source is not None:
@@ -110,6 +142,8 @@ class Summary:
                          f"{self.rows_outside}")
         lines.append(f"  row plan: {self.row_plan}; S3 requests: {self.requests}")
         lines.append(f"  elapsed {self.elapsed_s:.1f}s, {rate:.0f} objects/s")
+        if self.stopped:
+            lines.append(f"  {self.stopped}")
         return "\n".join(lines)
 
 
@@ -120,6 +154,7 @@ class Reporter:
         self.total: int | None = None
         self.report = self.report_file = None
         self.last_log = time.monotonic()
+        self.shown: Counter = Counter()  # per-object lines logged, by action
         if cfg.report:
             self.report_file = open(cfg.report, "w", newline="", encoding="utf-8")
             self.report = csv.writer(self.report_file)
@@ -137,11 +172,21 @@ class Reporter:
         if self.report:
             self.report.writerow([item.src.key, item.dest_key, item.action, item.rows, item.error])
         if item.action == FAILED:
-            log.error("failed: %s -> %s: %s", item.src.key, item.dest_key, item.error)
+            self.per_object(logging.ERROR, item, "failed: %s -> %s: %s", item.src.key,
+                            item.dest_key, item.error)
         elif item.action == CONFLICT:
-            log.warning("conflict: %s exists with different content (size %s, source %s); "
-                        "left alone (use --overwrite)", item.dest_key,
-                        item.dest.size if item.dest else "?", item.src.size)
+            self.per_object(logging.WARNING, item, "conflict: %s exists with different content "
+                            "(size %s, source %s); left alone (use --overwrite)", item.dest_key,
+                            item.dest.size if item.dest else "?", item.src.size)
+        elif item.action == ARCHIVED:
+            self.per_object(logging.WARNING, item, "archived: %s -> %s: %s: skipped, its rows "
+                            "stay on the source; restore the object (aws s3api restore-object), "
+                            "then rerun", item.src.key, item.dest_key, item.error)
+        elif item.action == KEY_TOO_LONG:
+            self.per_object(logging.WARNING, item, "key too long: %s -> %s: %s: skipped, its rows "
+                            "stay on the source; a rerun cannot copy it: rename the source "
+                            "object or choose a shorter --dest-prefix", item.src.key,
+                            item.dest_key, item.error)
         if self.bar is not None:
             if self.total is not None and self.bar.total != self.total:
                 self.bar.total = self.total
@@ -152,6 +197,24 @@ class Reporter:
             log.info("progress: %d done (%d copied, %d rows rewritten, %d failed), %.0f obj/s",
                      stats.finished, stats.copied, stats.rows_rewritten, stats.failed,
                      stats.finished / elapsed if elapsed else 0)
+
+    def per_object(self, level: int, item: Item, msg: str, *args) -> None:
+        """One line per object: all of them to --log-file, the first TERMINAL_LINES of each
+        kind to the terminal too, then one line saying where the others are."""
+        self.shown[item.action] += 1
+        n = self.shown[item.action]
+        log.log(level, msg, *args, extra={"terminal": n <= TERMINAL_LINES})
+        if n == TERMINAL_LINES + 1:
+            what = {FAILED: "failures", CONFLICT: "conflicts", ARCHIVED: "archived objects",
+                    KEY_TOO_LONG: "keys too long"}[item.action]
+            kept = [name for name, on in (("--report", self.report is not None),
+                                          ("--log-file", any(isinstance(h, logging.FileHandler)
+                                                             for h in log.handlers))) if on]
+            if kept:
+                log.log(level, "further per-object %s are only in %s", what, " and ".join(kept))
+            else:
+                log.log(level, "further per-object %s are not shown (pass --report PATH or "
+                        "--log-file PATH to keep every one); the summary counts them", what)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -9,6 +9,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -24,7 +25,8 @@ from .database import Database
 from .journal import ensure_journal
 from .lock import take as take_lock
 from .listing import Listing, Obj, check_manifest, listed, read_manifest
-from .planning import CHECK, CONFLICT, COPY, DONE, Item, plan, wanted
+from .incurable import ARCHIVED_CODES, Streak
+from .planning import CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, wanted
 from .report import COPIED, FAILED, ROWS_ONLY, SKIPPED, Reporter, Stats, Summary
 from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Settings, UsageError
 
@@ -75,6 +77,7 @@ class Migration:
         self.deletes: list[Item] = []
         self.last_flush = time.monotonic()
         self.executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="copy")
+        self.streak = Streak()  # copies failing with errors a rerun cannot cure
 
     def items(self) -> Iterator[Item]:
         cfg = self.cfg
@@ -90,10 +93,15 @@ class Migration:
         try:
             for item in self.items():
                 self.stats.listed += 1
-                self.dispatch(item)
+                item.seq = self.stats.listed
+                if item.kind in UNCOPYABLE:  # found by planning: no request, rows left alone
+                    item.action = item.kind
+                    self.finish(item)
+                else:
+                    self.dispatch(item)
                 self.drain(block=False)
-                if self.stop.is_set():
-                    break
+                if self.stop.is_set() or self.stats.stopped:
+                    break  # stopped: what is in flight finishes and gets its rows below
             self.wait_in_flight()
             self.flush()
             if self.deletes:
@@ -127,13 +135,28 @@ class Migration:
 
     def take(self, item: Item) -> None:
         self.inflight -= 1
+        self.judge(item)
         if item.kind == CONFLICT:
             item.action = CONFLICT
             self.finish(item)
-        elif item.action == FAILED:
+        elif item.action == FAILED or item.action in UNCOPYABLE:
             self.finish(item)
         else:
             self.batch.append(item)
+
+    def judge(self, item: Item) -> None:
+        """A copy's final answer: archived, or one more step towards stopping the run."""
+        if item.action == FAILED and item.code in ARCHIVED_CODES:
+            # archived in a way the listing does not show (Intelligent-Tiering's archive
+            # tiers): no retry, restoring is what cures it
+            item.kind = item.action = SKIP_ARCHIVED
+        elif item.action == COPIED and not self.cfg.dry_run:
+            self.streak.succeeded(item.seq)
+        elif item.action == FAILED:
+            self.streak.failed(item.seq, item.code)
+            if self.streak.full and not self.stats.stopped:
+                self.stats.stopped = self.streak.reason(self.cfg)
+                log.debug("stopping: %s; %d copies in flight", self.stats.stopped, self.inflight)
 
     def drain(self, block: bool) -> None:
         while self.inflight:
@@ -261,9 +284,14 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event,
     text = summary.to_text(cfg)
     log.debug("summary:\n%s", text)  # the log file keeps it too
     print(summary.to_json() if cfg.json else text, flush=True)
+    if stats.stopped:  # once, last, where a person looks; the summary has it too
+        print(f"move.py: error: {stats.stopped}", file=sys.stderr, flush=True)
     if interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if stats.failed or (stats.conflicts and not cfg.dry_run) else EXIT_OK
+    # A dry run shows conflicts and uncopyable objects in its counts, and exits 0.
+    incomplete = stats.failed or stats.stopped or (not cfg.dry_run and (
+        stats.conflicts or stats.archived or stats.key_too_long))
+    return EXIT_FAILED if incomplete else EXIT_OK
 
 
 def count_in_background(engine, cfg: Settings, reporter: Reporter, stop: threading.Event) -> None:

@@ -108,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from flags, else environment variables, else a .env file. "
                "S3 credentials, region and endpoint come from boto3's standard chain "
                "(AWS_PROFILE, AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...). Exit codes: 0 done, "
-               "1 some objects failed or conflicted (rerun to resume), 2 bad input, "
-               "130 interrupted.")
+               "1 incomplete: objects failed, conflicted or cannot be copied as they are "
+               "(archived, key too long), or the run stopped on an error; the error lines "
+               "and the summary say whether a rerun resumes or what to fix first, "
+               "2 bad input, 130 interrupted (rerun to resume).")
     g = p.add_argument_group("where")
     g.add_argument("--db", metavar="DSN", help="PostgreSQL DSN (env DB_CONN_STRING; required)")
     g.add_argument("--source-bucket", help="env S3_SOURCE_BUCKET_NAME (default legacy-s3)")
@@ -210,6 +212,8 @@ def setup_logging(quiet: bool, log_file: str | None) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    # Per-object lines past the first few of their kind are for the log file only (Reporter).
+    console.addFilter(lambda record: getattr(record, "terminal", True))
     log.addHandler(console)
     if log_file:
         fh = logging.FileHandler(log_file, encoding="utf-8")

@@ -18,6 +18,8 @@ Targeted faults:
                   HeadObject, ListObjects, ...)
   fail_first      {operation: n}: the first n requests of that operation fail
   fail_copy_keys  every CopyObject to these destination keys fails (503 SlowDown)
+  deny_after      {operation: n}: every request of that operation after the first n is
+                  answered 403 AccessDenied (a permission revoked mid-run)
   max_key_bytes   refuse longer keys with 400 KeyTooLongError, as S3 does (moto doesn't)
   latency         seconds added to every request
   stall_copies    an Event: once set, CopyObject requests wait for `release`, then
@@ -39,6 +41,7 @@ INTERNAL = "internal"          # 500 InternalError
 DROP_BEFORE = "drop-before"    # connection closed, request never reached S3
 DROP_AFTER = "drop-after"      # request reached S3, the answer is lost
 OK_ERROR = "200-error"         # CopyObject only: 200 OK whose body is an InternalError
+DENIED = "access-denied"       # 403 AccessDenied (deny_after only, never random)
 MODES = (SLOWDOWN, INTERNAL, DROP_BEFORE, DROP_AFTER)
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -48,6 +51,7 @@ ERRORS = {
     SLOWDOWN: (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     INTERNAL: (500, "Internal Server Error", "InternalError",
                "We encountered an internal error. Please try again."),
+    DENIED: (403, "Forbidden", "AccessDenied", "Access Denied"),
 }
 
 
@@ -68,13 +72,15 @@ class FaultProxy:
     def __init__(self, upstream: str, rate: float = 0.1, seed: int = 0,
                  modes: tuple[str, ...] = MODES, fail_copy_keys: tuple[str, ...] = (),
                  latency: float = 0.0, operations: tuple[str, ...] | None = None,
-                 fail_first: dict[str, int] | None = None, max_key_bytes: int | None = None):
+                 fail_first: dict[str, int] | None = None, max_key_bytes: int | None = None,
+                 deny_after: dict[str, int] | None = None):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.rate, self.modes, self.latency = rate, modes, latency
         self.fail_copy_keys = set(fail_copy_keys)
         self.operations = operations  # only these get random faults (None: all)
         self.fail_first = dict(fail_first or {})  # operation -> first n requests fail
+        self.deny_after = dict(deny_after or {})  # operation -> requests after n are denied
         self.seen: Counter = Counter()  # operation -> requests
         self.max_key_bytes = max_key_bytes  # S3 refuses longer keys (moto does not)
         self.too_long = 0
@@ -124,6 +130,8 @@ class FaultProxy:
                 mode = self.modes[(self.seen[operation] - 1) % len(self.modes)]
                 if mode == OK_ERROR and operation != "CopyObject":
                     mode = INTERNAL
+            elif self.seen[operation] > self.deny_after.get(operation, float("inf")):
+                mode = DENIED
             elif operation == "CopyObject" and bucket_key.split("/", 1)[-1] in self.fail_copy_keys:
                 mode = SLOWDOWN
             elif (self.rate and (self.operations is None or operation in self.operations)

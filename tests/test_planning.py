@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from avatarmove.listing import Obj
-from avatarmove.planning import CHECK, CONFLICT, COPY, DONE, in_shard, plan, same_content
+from avatarmove.planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, SKIP_KEY_TOO_LONG,
+                                 in_shard, plan, same_content)
 from avatarmove.settings import Settings
 
 
@@ -27,6 +28,63 @@ def test_plan_copies_a_missing_destination_and_skips_a_present_one():
         ("image/a.png", "avatar/a.png", DONE),
         ("image/b.png", "avatar/b.png", COPY),
     ]
+
+
+# --------------------------------------------------------------------------- uncopyable objects
+
+
+def test_archived_sources_are_skipped_unless_restored_or_already_copied():
+    """GLACIER and DEEP_ARCHIVE need a restore before CopyObject can read them; the other
+    classes copy as they are. An archived source whose copy is there is done all the same."""
+    sources = [Obj("image/a.png", 3, "e1", "GLACIER"),
+               Obj("image/b.png", 3, "e2", "DEEP_ARCHIVE"),
+               Obj("image/c.png", 3, "e3", "GLACIER", restored=True),
+               Obj("image/d.png", 3, "e4", "GLACIER"),
+               Obj("image/e.png", 3, "e5", "GLACIER"),
+               Obj("image/f.png", 3, "e6", "GLACIER_IR"),
+               Obj("image/g.png", 3, "e7", "INTELLIGENT_TIERING"),
+               Obj("image/h.png", 3, "e8", "STANDARD_IA"),
+               Obj("image/i.png", 3, "e9", None)]
+    dests = [Obj("avatar/d.png", 3, "e4"),  # the copy is there: done
+             Obj("avatar/e.png", 9, "other")]  # another object is there: a conflict
+    kinds = {i.src.key[len("image/"):]: i.kind for i in plan(sources, dests, settings())}
+    assert kinds == {"a.png": SKIP_ARCHIVED, "b.png": SKIP_ARCHIVED, "c.png": COPY,
+                     "d.png": DONE, "e.png": CONFLICT, "f.png": COPY, "g.png": COPY,
+                     "h.png": COPY, "i.png": COPY}
+    # --overwrite would replace e.png with its source, which cannot be read yet
+    over = {i.src.key: i for i in plan(sources, dests, settings(overwrite=True))}
+    assert over["image/e.png"].kind == SKIP_ARCHIVED
+    assert "GLACIER" in over["image/a.png"].error and "restored" in over["image/a.png"].error
+
+
+LIMIT = 1024  # S3's key limit, in UTF-8 bytes
+
+
+@pytest.mark.parametrize("char", ["k", "é", "日", "😀"])
+def test_destination_key_over_1024_bytes_is_skipped(char):
+    """The limit is in UTF-8 bytes, not characters; image/ -> avatar/ adds one byte."""
+    def rest_of(dest_bytes: int) -> str:  # a rest whose destination key has this many bytes
+        pad = dest_bytes - len("avatar/.png") - 1
+        return "x" * (pad % len(char.encode())) + char * (pad // len(char.encode())) + "z.png"
+
+    at, over = rest_of(LIMIT), rest_of(LIMIT + 1)
+    assert len(("avatar/" + at).encode()) == LIMIT
+    assert len(("avatar/" + over).encode()) == LIMIT + 1
+    sources = sorted([Obj("image/" + at, 3, "e1"), Obj("image/" + over, 3, "e2")],
+                     key=lambda o: o.key)
+    for dests in ([], None):  # a listing, and a manifest (no destination listing)
+        items = {i.dest_key: i for i in plan(sources, dests, settings())}
+        assert items["avatar/" + at].kind in (COPY, CHECK)
+        assert items["avatar/" + over].kind == SKIP_KEY_TOO_LONG
+        assert "1,025 bytes" in items["avatar/" + over].error
+
+
+def test_a_longer_destination_prefix_makes_keys_too_long():
+    src = Obj("image/" + "k" * (LIMIT - len("avatar/") - 4) + ".png", 3, "e1")
+    assert len(("avatar/" + src.key[len("image/"):]).encode()) == LIMIT
+    assert [i.kind for i in plan([src], [], settings())] == [COPY]
+    assert [i.kind for i in plan([src], [], settings(dest_prefix="avatars/"))] == \
+        [SKIP_KEY_TOO_LONG]
 
 
 # --------------------------------------------------------------------------- plan(): pairing

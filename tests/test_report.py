@@ -82,6 +82,21 @@ def test_summary_of_takes_the_counters_of_the_run():
     assert d["elapsed_s"] >= 0
 
 
+def test_to_json_says_why_a_run_stopped_and_what_it_could_not_copy():
+    stats = Stats(listed=160, copied=100, failed=57, archived=2, key_too_long=1,
+                  stopped=STOPPED)
+    for code in ["AccessDenied"] * 56 + ["SlowDown"]:
+        stats.failed_by_code[code] += 1
+    d = json.loads(Summary.of(stats, settings(), "rid", "index", 160, False).to_json())
+    assert {k: d[k] for k in ("archived", "key_too_long", "failed", "failed_by_code",
+                              "stopped")} == {
+        "archived": 2, "key_too_long": 1, "failed": 57,
+        "failed_by_code": {"AccessDenied": 56, "SlowDown": 1}, "stopped": STOPPED}
+    d = json.loads(a_summary().to_json())  # a run that did not stop
+    assert (d["stopped"], d["failed_by_code"], d["archived"], d["key_too_long"]) == \
+        (None, {}, 0, 0)
+
+
 # --------------------------------------------------------------------------- to_text
 
 
@@ -124,6 +139,10 @@ def test_default_output_is_the_text_summary(s3, db, dsn, capsys, monkeypatch, tm
     assert (s["copied"], s["skipped"], s["rows_rewritten"]) == (0, 5, 0)
 
 
+STOPPED = ("stopped after 50 copies in a row failed with errors a rerun cannot cure "
+           "(AccessDenied 50): check the IAM policy (and the bucket policies) for s3:GetObject "
+           "on src/image/* and s3:PutObject on dst/avatar/*")
+
 TEXT = {
     # variant: (summary fields, settings, lines that must be there, text that must not)
     "run": ({}, {},
@@ -141,6 +160,15 @@ TEXT = {
     "table-counts": ({"rows_left_under_source": 5, "rows_outside": 6}, {},
                      ["  rows under image/ with no object moved (table-wide): 5",
                       "  rows outside image/ and avatar/ (untouched): 6"], []),
+    "uncopyable": ({"archived": 2, "key_too_long": 1}, {},
+                   ["  archived (restore first) 2", "  key too long           1"],
+                   ["failures by code", "stopped"]),
+    # a rerun would meet the same errors: no "rerun" anywhere, even if also interrupted
+    "stopped": ({"stopped": STOPPED, "failed": 57, "failed_by_code": {"AccessDenied": 57},
+                 "interrupted": True}, {},
+                ["Run 20250101T000000Z-abc123 (stopped: errors a rerun cannot cure, see below)",
+                 "  failed                 57", "  failures by code: AccessDenied 57",
+                 "  " + STOPPED], ["rerun to", "interrupted"]),
 }
 
 
@@ -214,3 +242,39 @@ def test_reporter_without_report_writes_no_file(tmp_path, monkeypatch):
     reporter.item(item("copied"), Stats())
     reporter.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reporter_shows_the_first_per_object_lines_and_keeps_all_in_the_log_file(tmp_path,
+                                                                                  capsys):
+    """Thousands of identical failure lines bury the one that says what to do: the terminal
+    gets TERMINAL_LINES of each kind, then one line; the log file and the report get all."""
+    from avatarmove.report import TERMINAL_LINES
+    from avatarmove.settings import log, setup_logging
+    setup_logging(quiet=True, log_file=str(tmp_path / "move.log"))
+    try:
+        reporter = Reporter(settings(report=str(tmp_path / "r.csv"), progress=False),
+                            quiet=True)
+        stats = Stats()
+        n = TERMINAL_LINES + 15
+        for i in range(n):
+            for action, error in (("failed", "AccessDenied: Access Denied"),
+                                  ("archived", "storage class GLACIER")):
+                it = item(action, f"image/{action}{i:03d}.png", error=error)
+                stats.count(it)
+                reporter.item(it, stats)
+        reporter.close()
+    finally:
+        for h in list(log.handlers):
+            h.close()
+        log.handlers.clear()
+    err = capsys.readouterr().err.splitlines()
+    assert len([x for x in err if x.startswith("ERROR failed: ")]) == TERMINAL_LINES
+    assert len([x for x in err if x.startswith("WARNING archived: ")]) == TERMINAL_LINES
+    assert [x for x in err if "further" in x] == [
+        "ERROR further per-object failures are only in --report and --log-file",
+        "WARNING further per-object archived objects are only in --report and --log-file"]
+    logged = (tmp_path / "move.log").read_text(encoding="utf-8")
+    assert logged.count("ERROR MainThread failed: ") == n
+    assert logged.count("WARNING MainThread archived: ") == n
+    with open(tmp_path / "r.csv", newline="", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 2 * n

@@ -544,3 +544,192 @@ def test_quoted_table_and_column(how, schema, flags, run, s3, db, capsys, monkey
     assert keys(s3, DEST) == ["avatar/a.png", "avatar/b.png"]
     assert s["row_plan"] == ("index" if flags else "snapshot")
     assert rows(db) == []  # the seeder's avatars table is not touched
+
+
+# --------------------------------------------------------------------------- uncopyable objects
+
+
+@pytest.fixture
+def answer(monkeypatch):
+    """Make S3 answer some requests with an error, as S3 itself would where moto cannot
+    (Intelligent-Tiering archive tiers, a revoked permission): answer[operation] =
+    f(request) -> error code, or None to let the request through to moto. Answered
+    requests are never retried by botocore (403s are not)."""
+    rules: dict = {}
+    real = move.make_s3_client
+
+    def refuse(model, params, **_):
+        rule = rules.get(model.name)
+        code = rule(params) if rule else None
+        if code is None:
+            return None
+        from botocore.awsrequest import AWSResponse
+        return AWSResponse(params.get("url", ""), 403, {}, None), {
+            "Error": {"Code": code, "Message": f"{code} (injected by the test)"},
+            "ResponseMetadata": {"HTTPStatusCode": 403}}
+
+    def make(*args, **kwargs):
+        client = real(*args, **kwargs)
+        client.meta.events.register("before-call.s3", refuse)
+        return client
+    monkeypatch.setattr(move, "make_s3_client", make)
+    return rules
+
+
+def report_actions(path) -> dict[str, tuple[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return {line["source_key"]: (line["action"], line["error"]) for line in csv.DictReader(f)}
+
+
+def test_archived_objects_are_skipped_without_a_copy(run, s3, db, capsys, copies, tmp_path):
+    """GLACIER and DEEP_ARCHIVE objects cannot be copied until restored (moto refuses,
+    as S3 does): skipped without a request, counted, rows left on the source, exit 1.
+    One whose copy is already there is done: its rows are rewritten."""
+    put(s3, "image/cold.png", PNG + b"cold", StorageClass="GLACIER")
+    put(s3, "image/deep.png", PNG + b"deep", StorageClass="DEEP_ARCHIVE")
+    put(s3, "image/done.png", PNG + b"done", StorageClass="GLACIER")
+    put(s3, "avatar/done.png", PNG + b"done", bucket=DEST)
+    put(s3, "image/warm.png", PNG + b"warm", StorageClass="GLACIER_IR")
+    put(s3, "image/plain.png", PNG + b"plain")
+    paths = ["image/cold.png", "image/deep.png", "image/done.png", "image/warm.png",
+             "image/plain.png"]
+    insert_rows(db, paths)
+
+    assert run("--dry-run") == 0  # a dry run shows them, and changes nothing
+    s = summary(capsys.readouterr().out)
+    assert (s["archived"], s["copied"], s["rows_only"]) == (2, 2, 1)
+    assert copies == [] and rows(db) == paths
+
+    report = tmp_path / "report.csv"
+    assert run("--report", str(report)) == 1
+    out, err = capsys.readouterr()
+    s = summary(out)
+    assert sorted(copies) == ["image/plain.png", "image/warm.png"]
+    assert (s["archived"], s["copied"], s["rows_only"], s["failed"]) == (2, 2, 1, 0)
+    assert s["stopped"] is None and s["failed_by_code"] == {}
+    assert rows(db) == ["image/cold.png", "image/deep.png", "avatar/done.png",
+                        "avatar/warm.png", "avatar/plain.png"]
+    assert keys(s3, DEST) == ["avatar/done.png", "avatar/plain.png", "avatar/warm.png"]
+    actions = report_actions(report)
+    assert actions["image/cold.png"][0] == actions["image/deep.png"][0] == "archived"
+    assert "GLACIER" in actions["image/cold.png"][1]
+    assert "DEEP_ARCHIVE" in actions["image/deep.png"][1]
+    lines = [line for line in err.splitlines() if "archived:" in line]
+    assert len(lines) == 2 and all("restore" in line for line in lines), err
+
+    copies.clear()  # a rerun does the same: nothing new to copy, still incomplete
+    assert run() == 1
+    assert copies == [] and summary(capsys.readouterr().out)["archived"] == 2
+
+
+def test_restored_archived_object_is_copied(run, s3, db, capsys, copies, monkeypatch):
+    """Restored (aws s3api restore-object), a GLACIER object can be copied: the listing
+    says so in RestoreStatus. moto restores at once but does not list RestoreStatus, so
+    the test adds it to moto's listing, as S3 would; what matters is that the run asks
+    for it and acts on it."""
+    put(s3, "image/thawed.png", PNG + b"thawed", StorageClass="GLACIER")
+    put(s3, "image/frozen.png", PNG + b"frozen", StorageClass="GLACIER")
+    s3.restore_object(Bucket=SOURCE, Key="image/thawed.png", RestoreRequest={"Days": 1})
+    insert_rows(db, ["image/thawed.png", "image/frozen.png"])
+    asked = []
+    real = move.make_s3_client
+
+    def add_restore_status(parsed, **_):
+        for o in parsed.get("Contents", ()):
+            if o.get("StorageClass") != "GLACIER":  # only the source holds any
+                continue
+            restore = s3.head_object(Bucket=SOURCE, Key=o["Key"]).get("Restore", "")
+            if 'ongoing-request="false"' in restore:
+                o["RestoreStatus"] = {"IsRestoreInProgress": False,
+                                      "RestoreExpiryDate": restore.split("expiry-date=")[-1]}
+
+    def make(*args, **kwargs):
+        client = real(*args, **kwargs)
+        client.meta.events.register(
+            "before-call.s3.ListObjectsV2",
+            lambda params, **_: asked.append(params["headers"].get(
+                "x-amz-optional-object-attributes")))
+        client.meta.events.register("after-call.s3.ListObjectsV2", add_restore_status)
+        return client
+    monkeypatch.setattr(move, "make_s3_client", make)
+
+    assert run() == 1  # frozen.png is still archived
+    s = summary(capsys.readouterr().out)
+    assert copies == ["image/thawed.png"]
+    assert (s["copied"], s["archived"]) == (1, 1)
+    assert rows(db) == ["avatar/thawed.png", "image/frozen.png"]
+    assert body(s3, "avatar/thawed.png") == PNG + b"thawed"
+    assert asked and set(asked) == {"RestoreStatus"}
+
+
+def test_archive_tier_answer_is_archived_without_a_retry(run, s3, db, capsys, copies, answer,
+                                                          tmp_path):
+    """Intelligent-Tiering's archive tiers do not show in the listing: the copy is answered
+    InvalidObjectState. That object is archived, like a GLACIER one, after one request."""
+    put(s3, "image/tiered.png", PNG + b"t", StorageClass="INTELLIGENT_TIERING")
+    put(s3, "image/ok.png", PNG + b"ok", StorageClass="INTELLIGENT_TIERING")
+    insert_rows(db, ["image/tiered.png", "image/ok.png"])
+    answer["CopyObject"] = lambda req: ("InvalidObjectState" if "tiered.png" in
+                                        req["headers"]["x-amz-copy-source"] else None)
+    report = tmp_path / "report.csv"
+
+    assert run("--report", str(report), "--max-attempts", "5") == 1
+    s = summary(capsys.readouterr().out)
+    assert sorted(copies) == ["image/ok.png", "image/tiered.png"]  # one request each
+    assert (s["archived"], s["failed"], s["copied"]) == (1, 0, 1)
+    assert rows(db) == ["image/tiered.png", "avatar/ok.png"]
+    assert keys(s3, DEST) == ["avatar/ok.png"]
+    action, error = report_actions(report)["image/tiered.png"]
+    assert action == "archived" and "InvalidObjectState" in error
+
+
+def test_key_too_long_is_skipped_without_a_request(run, s3, db, capsys, copies, tmp_path):
+    """image/ -> avatar/ adds a byte: a 1,024-byte source key has no legal destination.
+    moto does not enforce S3's limit, so a copy sent would have 'worked' here: the
+    request count shows none was sent."""
+    longest = "image/" + "k" * (1024 - len("image/") - 4) + ".png"
+    fits = "image/" + "f" * (1024 - len("avatar/") - 4) + ".png"
+    assert len(longest.encode()) == 1024 and len(("avatar/" + fits[6:]).encode()) == 1024
+    for k in (longest, fits, "image/short.png"):
+        put(s3, k, PNG + k.encode())
+    insert_rows(db, [longest, fits, "image/short.png"])
+    report = tmp_path / "report.csv"
+
+    assert run("--dry-run") == 0
+    s = summary(capsys.readouterr().out)
+    assert (s["key_too_long"], s["copied"]) == (1, 2) and copies == []
+
+    assert run("--report", str(report)) == 1
+    out, err = capsys.readouterr()
+    s = summary(out)
+    assert sorted(copies) == sorted([fits, "image/short.png"])
+    assert (s["key_too_long"], s["copied"], s["failed"]) == (1, 2, 0)
+    assert rows(db) == [longest, "avatar/" + fits[6:], "avatar/short.png"]
+    action, error = report_actions(report)[longest]
+    assert action == "key-too-long" and "1,025 bytes" in error
+    assert "key too long: " + longest in err and "rerun to resume" not in err
+
+
+def test_listing_refused_for_good_says_what_to_fix_not_rerun(run, s3, db, capsys, answer):
+    """An error a rerun cannot cure ends the run with what to do instead of 'rerun'."""
+    put(s3, "image/a.png", PNG)
+    insert_rows(db, ["image/a.png"])
+    answer["ListObjectsV2"] = lambda req: "AccessDenied"
+
+    assert run() == 1
+    err = capsys.readouterr().err
+    assert "AccessDenied" in err and "rerun to resume" not in err, err
+    assert "a rerun cannot cure this: check the IAM policy" in err
+    assert f"s3:ListBucket on {SOURCE}" in err
+    assert rows(db) == ["image/a.png"] and keys(s3, DEST) == []
+
+
+def test_listing_failing_for_now_still_says_rerun(run, s3, db, capsys, answer):
+    put(s3, "image/a.png", PNG)
+    insert_rows(db, ["image/a.png"])
+    answer["ListObjectsV2"] = lambda req: "InternalError"
+
+    assert run("--max-attempts", "1") == 1
+    err = capsys.readouterr().err
+    assert "InternalError" in err and "rerun to resume" in err, err
+    assert rows(db) == ["image/a.png"]
