@@ -1,7 +1,8 @@
 """Stacked fixtures: credentials, then buckets, then filled buckets; a real
 PostgreSQL (embedded pgserver, or TEST_DATABASE_URL) with a fresh database per
 test; moto in-process for unit tests and as a threaded HTTP server for runs of
-move.py as a subprocess.
+move.py as a subprocess. The servers and the children's environment come from
+devtools/sandbox.py, as for the demo and the bench.
 """
 from __future__ import annotations
 
@@ -10,21 +11,21 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
 import pytest
 from psycopg2 import sql
-from psycopg2.extensions import make_dsn, parse_dsn
+from psycopg2.extensions import parse_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import move  # noqa: E402
+from devtools.sandbox import (SandboxError, child_env, move_argv, start_moto,  # noqa: E402
+                              start_postgres)
 
 SOURCE, DEST = "legacy-s3", "production-s3"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24  # enough of a PNG for S3's purposes
@@ -43,33 +44,30 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def pg_server_dsn():
-    """TEST_DATABASE_URL when set, else an embedded PostgreSQL for the session."""
-    url = os.environ.get("TEST_DATABASE_URL")
-    if url:
-        yield url
-        return
-    import pgserver
+def pg():
+    """The session's PostgreSQL (devtools.sandbox.Postgres): TEST_DATABASE_URL when
+    set, else an embedded one. One that cannot start fails each test that needs it
+    with the sandbox's one line (what failed, what to do), not a traceback."""
+    try:
+        server = start_postgres()
+    except SandboxError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
 
-    # Short path: the unix socket path must stay under ~100 bytes.
-    datadir = tempfile.mkdtemp(prefix="pg", dir="/tmp")
-    server = pgserver.get_server(datadir, cleanup_mode="stop")
-    yield server.get_uri()
-    server.cleanup()
+
+@pytest.fixture(scope="session")
+def pg_server_dsn(pg):
+    """The admin DSN of the session's PostgreSQL."""
+    return pg.dsn
 
 
 @pytest.fixture
-def dsn(pg_server_dsn):
+def dsn(pg):
     """A fresh, empty database for one test, dropped afterwards."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    admin = psycopg2.connect(pg_server_dsn)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield make_dsn(pg_server_dsn, dbname=name)
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-    admin.close()
+    url = pg.new_database()
+    yield url
+    pg.drop_database(url)
 
 
 @pytest.fixture
@@ -101,16 +99,15 @@ def insert_rows(conn, paths, table="avatars", column="path") -> None:
 
 
 def fake_aws_env(mp: pytest.MonkeyPatch) -> None:
-    """Fake credentials, nothing from the machine's own AWS setup, and none of
-    move.py's settings (DB_*, S3_*) from the caller's environment."""
+    """This process's environment as sandbox.child_env() makes a child's: fake
+    credentials, nothing from the machine's own AWS setup, and none of move.py's
+    settings (DB_*, S3_*) from the caller's environment."""
+    env = child_env()
     for name in list(os.environ):
-        if name.startswith(("AWS_", "DB_", "S3_")):
+        if name not in env:
             mp.delenv(name)
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    mp.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    for name, value in env.items():
+        mp.setenv(name, value)
 
 
 @pytest.fixture
@@ -194,23 +191,26 @@ def run(s3, dsn, monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def moto_server():
-    """moto's threaded HTTP server on loopback, for move.py run as a subprocess."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+def moto():
+    """moto's threaded HTTP server on loopback (devtools.sandbox.MotoServer)."""
+    try:
+        server = start_moto()
+    except SandboxError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
     server.stop()
 
 
-@pytest.fixture
-def endpoint(moto_server, aws_credentials, monkeypatch):
-    """An empty moto server with both buckets; AWS_ENDPOINT_URL points at it."""
-    import requests
+@pytest.fixture(scope="session")
+def moto_server(moto):
+    """The URL of moto's HTTP server, for move.py run as a subprocess."""
+    return moto.endpoint
 
-    requests.post(f"{moto_server}/moto-api/reset", timeout=10)
+
+@pytest.fixture
+def endpoint(moto, moto_server, aws_credentials, monkeypatch):
+    """An empty moto server with both buckets; AWS_ENDPOINT_URL points at it."""
+    moto.reset()
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     client = move.make_s3_client()
     client.create_bucket(Bucket=SOURCE)
@@ -226,16 +226,14 @@ class Proc:
 
 
 def subprocess_env(dsn: str | None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DB_", "S3_OBJECT", "S3_SOURCE", "S3_DEST"))}
-    if dsn:
-        env["DB_CONN_STRING"] = dsn
-    env.update(extra)
-    return env
+    """A child's environment (sandbox.child_env: nothing from the machine's AWS,
+    DB_* or S3_* settings), pointed at the S3 endpoint the test set up (the
+    endpoint fixture's AWS_ENDPOINT_URL); `extra` overrides, e.g. a fault proxy."""
+    return child_env(dsn, os.environ.get("AWS_ENDPOINT_URL"), **extra)
 
 
 def move_cmd(*args: str) -> list[str]:
-    return [sys.executable, str(ROOT / "move.py"), *args]
+    return move_argv(*args)
 
 
 @pytest.fixture

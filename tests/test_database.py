@@ -2,7 +2,6 @@
 import contextlib
 import json
 import threading
-import time
 import uuid
 
 import psycopg2

@@ -20,7 +20,6 @@ import re
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -33,6 +32,7 @@ from psycopg2.extensions import make_dsn
 from conftest import (DEST, PNG, SOURCE, insert_rows, keys, listing, move_cmd, put, rows,
                       subprocess_env, summary)
 from conftest import moto_backend as backend
+from devtools.sandbox import SandboxError, start_postgres
 from faultproxy import DROP_AFTER, DROP_BEFORE, INTERNAL, OK_ERROR, SLOWDOWN, FaultProxy
 
 import move
@@ -241,15 +241,16 @@ def test_listing_and_bucket_checks_are_retried(cli, db, endpoint, client):
 
 @pytest.fixture
 def own_pg():
-    """A dedicated embedded PostgreSQL, free to be restarted."""
-    import pgserver
-
-    datadir = Path(tempfile.mkdtemp(prefix="pgr", dir="/tmp"))  # short: socket path limit
-    server = pgserver.get_server(datadir, cleanup_mode="delete")
+    """A dedicated embedded PostgreSQL (never TEST_DATABASE_URL's: it is restarted and
+    stopped here), as pgserver's handle: get_uri(), pgdata, log, system_user."""
     try:
-        yield server
+        pg = start_postgres(embedded=True)
+    except SandboxError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield pg.server
     finally:
-        server.cleanup()
+        pg.stop()
 
 
 def postmaster_pid(datadir: Path) -> list[str]:

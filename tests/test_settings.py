@@ -11,12 +11,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import uuid
 
 import psycopg2
 import pytest
-from psycopg2 import sql
-from psycopg2.extensions import make_dsn
 
 import move
 from conftest import (DEST, PNG, ROOT, SOURCE, fake_aws_env, insert_rows, journal_exists, keys,
@@ -141,15 +138,10 @@ class TestBadInputInProcess:
     every case starts from the same state (and checks that it still is)."""
 
     @pytest.fixture(scope="class")
-    def world(self, pg_server_dsn):
+    def world(self, pg):
         from moto import mock_aws
 
-        name = "t_cli_" + uuid.uuid4().hex[:8]
-        admin = psycopg2.connect(pg_server_dsn)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        dsn = make_dsn(pg_server_dsn, dbname=name)
+        dsn = pg.new_database()
         conn = psycopg2.connect(dsn)
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -163,9 +155,7 @@ class TestBadInputInProcess:
                 fill(client, conn)
                 yield client, conn, dsn
         conn.close()
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-        admin.close()
+        pg.drop_database(dsn)
 
     @pytest.mark.parametrize("case", list(BAD))
     def test_bad_input(self, case, world, tmp_path, monkeypatch, capsys):
