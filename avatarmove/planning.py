@@ -24,7 +24,6 @@ ARCHIVED_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
 MAX_KEY_BYTES = 1024  # S3's key limit, in UTF-8 bytes
 
 
-
 @dataclass
 class Item:
     src: Obj

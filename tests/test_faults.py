@@ -13,9 +13,11 @@ and a rerun finishes the job.
   4. SIGINT / SIGTERM, a second SIGINT, in-flight copies abandoned.
   5. Hostile key names (hypothesis).
   6. Secrets (DB password, AWS secret key) never reach output, log or report.
+  7. Errors a rerun cannot cure (a permission revoked mid-run) stop the run.
 """
 from __future__ import annotations
 
+import csv
 import re
 import signal
 import socket
@@ -33,7 +35,7 @@ from conftest import (DEST, PNG, SOURCE, insert_rows, keys, listing, move_cmd, p
                       subprocess_env, summary)
 from conftest import moto_backend as backend
 from devtools.sandbox import SandboxError, start_postgres
-from faultproxy import DROP_AFTER, DROP_BEFORE, INTERNAL, OK_ERROR, SLOWDOWN, FaultProxy
+from faultproxy import DENIED, DROP_AFTER, DROP_BEFORE, INTERNAL, OK_ERROR, SLOWDOWN, FaultProxy
 
 import move
 
@@ -568,22 +570,32 @@ def hostile_check(s3, db, rest_list):
 
 
 @ENGINES
-def test_source_key_at_the_limit_has_no_legal_destination(engine, cli, db, endpoint, client):
+def test_source_key_at_the_limit_has_no_legal_destination(engine, cli, db, endpoint, client,
+                                                           tmp_path):
     """image/ -> avatar/ adds a byte: a 1,024-byte source key maps to a 1,025-byte key that S3
-    refuses (KeyTooLongError; the proxy enforces S3's limit, moto does not). That object fails,
-    its row stays put, the rest moves."""
+    refuses (KeyTooLongError; the proxy enforces S3's limit, moto does not). The plan sees it
+    from the listing: that object is skipped as "key too long" without a request (no retries
+    into a certain refusal), its row stays put, the rest moves, and the run exits 1 because
+    it is incomplete. A rerun cannot cure it, and does not say it would."""
     longest = "image/" + "k" * (LIMIT - len("image/") - 4) + ".png"
     assert len(longest.encode()) == LIMIT
     source_keys = seed(db, 5) + [longest]
     backend().put_object(SOURCE, longest, body_of(longest))
     insert_rows(db, [longest])
     with FaultProxy(endpoint, rate=0, max_key_bytes=LIMIT) as proxy:
-        p = cli("--engine", engine, "--max-attempts", "2", "--json",
+        p = cli("--engine", engine, "--max-attempts", "2", "--json", "--report", "report.csv",
                 env={"AWS_ENDPOINT_URL": proxy.url})
-    assert proxy.too_long >= 1
+    # Was `proxy.too_long >= 1` (the copy was sent and refused): now no request is sent.
+    assert proxy.too_long == 0 and proxy.seen["CopyObject"] == 5
     assert p.code == 1, p.out + p.err
-    assert summary(p.out)["failed"] == 1 and summary(p.out)["copied"] == 5
+    # Was `failed == 1`: the object now has its own heading, and nothing failed.
+    s = summary(p.out)
+    assert (s["key_too_long"], s["failed"], s["copied"]) == (1, 0, 5)
     assert "KeyTooLong" in p.err
+    assert "rerun to resume" not in p.err
+    with open(tmp_path / "report.csv", newline="", encoding="utf-8") as f:
+        assert [r["action"] for r in csv.DictReader(f) if r["source_key"] == longest] == \
+            ["key-too-long"]
     assert rows(db)[-1] == longest
     rewritten, copies = check_invariant(db, client, source_keys)
     assert rewritten == copies == 5
@@ -642,3 +654,69 @@ def test_aws_secret_and_db_password_never_shown(cli, db, dsn, endpoint, tmp_path
     text = outputs(p, tmp_path)
     assert secret not in text and password not in text
     assert secret[:16] not in text and secret[-16:] not in text
+
+
+# --------------------------------------------------------------------------- 7. incurable errors
+
+
+@ENGINES
+def test_copies_denied_for_good_stop_the_run(engine, cli, db, endpoint, client, tmp_path):
+    """Write permission revoked mid-run: every CopyObject after the first N is answered 403
+    AccessDenied, as S3 does. Retrying or sending the rest of the bucket cannot help: the run
+    stops after STOP_AFTER such failures in a row, finishes what is in flight, writes the
+    rows of the N copies, says once what failed and what to do, and exits 1. The terminal
+    gets the first few per-object lines; the report and the log file get every one."""
+    from avatarmove.incurable import STOP_AFTER
+    from avatarmove.report import TERMINAL_LINES
+    n, total, workers = 100, 1000, 4
+    source_keys = seed(db, total)
+    with FaultProxy(endpoint, rate=0, deny_after={"CopyObject": n}) as proxy:
+        p = cli("--workers", str(workers), "--engine", engine, "--json", "--report",
+                "report.csv", "--log-file", "move.log", env={"AWS_ENDPOINT_URL": proxy.url})
+    assert p.code == 1, p.out + p.err
+    sent, denied = proxy.seen["CopyObject"], proxy.by_operation["CopyObject", DENIED]
+    # In flight at once: at most 2 x --workers (the window's ceiling, with slack). Bound:
+    # the N that succeeded, a window sent before the last success that lost the race to
+    # the proxy, STOP_AFTER in a row, and the window in flight when the run stopped.
+    window = 2 * workers
+    assert sent == n + denied
+    assert n + STOP_AFTER <= sent <= n + STOP_AFTER + 2 * window, (sent, p.err[-2000:])
+
+    s = summary(p.out)
+    assert s["copied"] == n and s["failed"] == denied
+    assert s["failed_by_code"] == {"AccessDenied": denied}
+    assert s["listed"] < total  # it stopped taking work
+    assert s["stopped"] == (
+        f"stopped after {STOP_AFTER} copies in a row failed with errors a rerun cannot cure "
+        f"(AccessDenied {STOP_AFTER}): check the IAM policy (and the bucket policies) for "
+        f"s3:GetObject on {SOURCE}/image/* and s3:PutObject on {DEST}/avatar/*")
+
+    # Said once, last; never "rerun to resume"; per-object lines bounded on the terminal.
+    err = p.err.splitlines()
+    assert [line for line in err if "stopped after" in line] == \
+        [f"move.py: error: {s['stopped']}"] and err[-1].startswith("move.py: error: stopped")
+    assert "rerun to resume" not in p.err
+    assert len([line for line in err if "ERROR failed: image/" in line]) == TERMINAL_LINES
+    assert [line for line in err if "further per-object" in line] == \
+        ["ERROR further per-object failures are only in --report and --log-file"]
+
+    with open(tmp_path / "report.csv", newline="", encoding="utf-8") as f:
+        report = list(csv.DictReader(f))
+    failed = {r["source_key"] for r in report if r["action"] == "failed"}
+    assert len(failed) == denied and all("AccessDenied" in r["error"] for r in report
+                                          if r["action"] == "failed")
+    assert sum(r["action"] == "copied" for r in report) == n and len(report) == s["listed"]
+    logged = (tmp_path / "move.log").read_text(encoding="utf-8")
+    assert {k for k in failed if f"failed: {k} -> " in logged} == failed
+
+    # The N copies got their rows; every other row still points at its source.
+    rewritten, copies = check_invariant(db, client, source_keys)
+    assert rewritten == copies == n
+    print(f"\n{engine}: stopped after {sent} CopyObject requests ({n} succeeded, {denied} "
+          f"denied) of {total}; {s['listed']} listed; stderr {len(err)} lines, "
+          f"{TERMINAL_LINES} of them per-object failures")
+
+    again = cli("--json")  # permission back: the rerun finishes the job
+    assert again.code == 0, again.out + again.err
+    assert summary(again.out)["copied"] == total - n
+    assert_all_done(db, client, source_keys)
