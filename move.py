@@ -18,9 +18,9 @@ import sys
 import psycopg2
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
-from avatarmove.copying import (RequestCounter, S3RequestError, describe_error, error_code,
-                                make_s3_client)
+from avatarmove.copying import S3RequestError, describe_error, error_code, make_s3_client
 from avatarmove.incurable import hint, is_incurable
+from avatarmove.pacing import Pacer
 from avatarmove.database import what_to_fix
 from avatarmove.lock import LockLost
 from avatarmove.rollback import rollback
@@ -39,14 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args.quiet, args.log_file)
         cfg = settings_from(args)
         interrupt.install()
-        requests = RequestCounter()
-        s3 = make_s3_client(cfg.max_attempts, cfg.retry_mode, pool=cfg.workers + 8,
-                            requests=requests)
+        pacer = Pacer(max_rate=cfg.max_rate)
+        s3 = make_s3_client(cfg.max_attempts, cfg.retry_mode, pool=cfg.workers + 8, pacer=pacer)
         if args.verify:
             return verify(s3, cfg)
         if args.rollback:
             return rollback(s3, cfg, args.rollback)
-        return run_migration(s3, cfg, args.quiet, interrupt.event, requests)
+        return run_migration(s3, cfg, args.quiet, interrupt.event, pacer)
     except UsageError as exc:
         print(f"move.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import re
-import threading
+import time
 from typing import Callable
 from urllib.parse import quote, unquote_plus, urlsplit
 
@@ -20,6 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from .listing import Obj
+from .pacing import THROTTLE_CODES, Pacer
 from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, Item, archived,
                        needs_restore, same_content)
 from .settings import Settings, UsageError
@@ -27,25 +29,8 @@ from .settings import Settings, UsageError
 log = logging.getLogger("move")
 
 
-class RequestCounter:
-    """S3 requests sent by one run, from any thread."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._n = 0
-
-    def add(self, n: int = 1) -> None:
-        with self._lock:
-            self._n += n
-
-    @property
-    def value(self) -> int:
-        with self._lock:
-            return self._n
-
-
 def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: int = 50,
-                   requests: RequestCounter | None = None):
+                   pacer: Pacer | None = None):
     """The one place an S3 client is made, so tests can swap in moto.
 
     Region, credentials and endpoint (AWS_ENDPOINT_URL) come from boto3's
@@ -60,9 +45,43 @@ def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: i
         tcp_keepalive=True,
     )
     client = boto3.session.Session().client("s3", config=config)
-    if requests is not None:
-        client.meta.events.register("before-send.s3", lambda **_: requests.add())
+    if pacer is not None:
+        # Every attempt, retries included, waits for the run's token bucket; every
+        # answer tells the pacer whether S3 asked to slow down.
+        client.meta.events.register("before-send.s3", lambda **_: pacer.acquire())
+        client.meta.events.register("needs-retry.s3", lambda **kw: observe_answer(pacer, **kw))
     return client
+
+
+def observe_answer(pacer: Pacer, response=None, **_) -> None:
+    """botocore's needs-retry event, once per attempt: returns None so the retry
+    handler still decides."""
+    if response is None:
+        return None  # no answer (connection error): says nothing about throttling
+    http, parsed = response
+    code = (parsed or {}).get("Error", {}).get("Code", "")
+    if code in THROTTLE_CODES or http.status_code == 503:
+        pacer.throttled()
+    else:
+        pacer.accepted()
+    return None
+
+
+def retryable(code: str) -> bool:
+    """Worth another attempt: throttling, a server error, or no answer at all."""
+    return (code in THROTTLE_CODES or code in SERVER_ERRORS or code.startswith("AWS_")
+            or (code.isdigit() and int(code) >= 500))
+
+
+# Provisional: replaced by the measured figure (see crt_throughput_target).
+CRT_GBPS_PER_CONNECTION = 0.5
+
+# The CRT answers these without the response's status or body.
+CRT_ERRORS = {"AWS_ERROR_S3_SLOW_DOWN": "SlowDown", "AWS_ERROR_S3_INTERNAL_ERROR": "InternalError",
+              "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED": "RequestTimeTooSkewed"}
+
+SERVER_ERRORS = {"InternalError", "RequestTimeout", "500", "502", "504", "BadGateway",
+                 "GatewayTimeout", "RequestTimeTooSkewed", "OperationAborted"}
 
 
 class S3RequestError(Exception):
@@ -141,17 +160,20 @@ class CrtEngine:
     """CopyObject and ListObjectsV2 through the AWS Common Runtime.
 
     botocore spends about 2 ms of CPU building and signing each request; the
-    CRT signs natively and keeps its own connection pool and retries (with
-    backoff on throttling and 5xx), at a fraction of that. It also checks the
-    body of a 200 response for an error, as CopyObject can fail with status 200.
+    CRT signs natively and keeps its own connection pool, at a fraction of
+    that. It also checks the body of a 200 response for an error, as
+    CopyObject can fail with status 200.
+
+    The CRT's own retries are off: a retry it made would hide the SlowDown
+    that should slow the whole run down. Copies are retried by the run's
+    coordinator (Migration), listings here.
     """
     name = "crt"
 
-    def __init__(self, s3, max_attempts: int, connections: int,
-                 requests: RequestCounter | None = None):
+    def __init__(self, s3, max_attempts: int, connections: int, pacer: Pacer | None = None):
         from awscrt.auth import AwsCredentials, AwsCredentialsProvider
         from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
-        from awscrt.s3 import S3Client, S3RequestTlsMode, S3RetryConfig
+        from awscrt.s3 import S3Client, S3RequestTlsMode, S3RetryConfig, S3RetryMode
 
         # The same chain as the boto3 client; the object refreshes itself (roles, SSO).
         credentials = boto3.session.Session().get_credentials()
@@ -163,7 +185,8 @@ class CrtEngine:
             return AwsCredentials(c.access_key, c.secret_key, c.token)
 
         url = urlsplit(s3.meta.endpoint_url)
-        self.requests = requests or RequestCounter()
+        self.pacer = pacer or Pacer()
+        self.max_attempts = max_attempts
         self.region = s3.meta.region_name or "us-east-1"
         # Custom endpoints (MinIO, SeaweedFS, moto) take path-style requests.
         self.virtual_hosted = url.hostname.endswith("amazonaws.com")
@@ -174,12 +197,13 @@ class CrtEngine:
             bootstrap=ClientBootstrap(elg, DefaultHostResolver(elg)), region=self.region,
             tls_mode=S3RequestTlsMode.ENABLED if url.scheme == "https" else S3RequestTlsMode.DISABLED,
             credential_provider=AwsCredentialsProvider.new_delegate(current),
+            throughput_target_gbps=crt_throughput_target(connections),
             max_active_connections_override=connections,
-            retry_config=S3RetryConfig(max_retries=max(max_attempts - 1, 1)))
+            retry_config=S3RetryConfig(retry_mode=S3RetryMode.NONE))
 
     def _send(self, method: str, bucket: str, key_path: str, query: str, headers: list,
-              operation: str, done: Callable[[bytes | None, str | None], None]) -> None:
-        """One signed request; done(body, error) runs on a CRT thread."""
+              operation: str, done: Callable[[bytes | None, str | None, str], None]) -> None:
+        """One signed request; done(body, error, code) runs on a CRT thread."""
         from awscrt.http import HttpHeaders, HttpRequest
         from awscrt.s3 import S3RequestType
 
@@ -193,14 +217,20 @@ class CrtEngine:
         def on_done(error=None, error_body=None, status_code=None, **_):
             self.pending.pop(token, None)
             if error is None:
-                done(b"".join(body), None)
+                self.pacer.accepted()
+                done(b"".join(body), None, "")
                 return
-            code = re.search(rb"<Code>([^<]*)</Code>", error_body or b"")
+            found = re.search(rb"<Code>([^<]*)</Code>", error_body or b"")
             message = re.search(rb"<Message>([^<]*)</Message>", error_body or b"")
-            done(None, f"{code.group(1).decode() if code else status_code or error.name}: "
-                       f"{message.group(1).decode() if message else error.message}")
+            code = (found.group(1).decode() if found else
+                    CRT_ERRORS.get(error.name) or str(status_code or error.name))
+            if code in THROTTLE_CODES or status_code == 503:
+                self.pacer.throttled()
+            elif status_code:
+                self.pacer.accepted()
+            done(None, f"{code}: {message.group(1).decode() if message else error.message}", code)
 
-        self.requests.add()
+        self.pacer.acquire()
         # Held until done: the request must outlive this call.
         self.pending[token] = self.client.make_request(
             type=S3RequestType.DEFAULT, operation_name=operation,
@@ -209,31 +239,36 @@ class CrtEngine:
             on_body=lambda chunk, **_: body.append(chunk), on_done=on_done)
 
     def _wait(self, *args) -> bytes:
-        result: queue.Queue = queue.Queue()
-        self._send(*args, lambda *r: result.put(r))
-        body, error = result.get()
-        if error:
-            raise S3RequestError(error, error.partition(":")[0])
-        return body
+        """A blocking request, retried with backoff like botocore's standard mode."""
+        return self._retrying(lambda done: self._send(*args, done))
+
+    def _retrying(self, send: Callable[[Callable], None]):
+        """send(done) until an answer without error, or an error no retry cures."""
+        for attempt in range(1, self.max_attempts + 1):
+            answer: queue.Queue = queue.Queue()
+            send(lambda *r, answer=answer: answer.put(r))
+            value, error, code = answer.get()
+            if not error:
+                return value
+            if attempt == self.max_attempts or not retryable(code):
+                raise S3RequestError(error, code)
+            time.sleep(backoff(attempt))
+        raise AssertionError("unreachable")
 
     def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
-              done: Callable[[str | None, str | None], None]) -> None:
-        """Send one CopyObject without blocking; done(etag, error) runs on a CRT thread."""
-        def finished(body: bytes | None, error: str | None) -> None:
+              done: Callable[[str | None, str | None, str], None]) -> None:
+        """Send one CopyObject without blocking; done(etag, error, code) runs on a CRT thread."""
+        def finished(body: bytes | None, error: str | None, code: str) -> None:
             etag = re.search(rb"<ETag>(?:&quot;|\")?([^<&\"]*)", body or b"")
-            done(etag.group(1).decode() if etag else None, error)
+            done(etag.group(1).decode() if etag else None, error, code)
         self._send("PUT", dst_bucket, quote(dst_key, safe="/~"), "",
                    [("Content-Length", "0"),
                     ("x-amz-copy-source", quote(f"{src_bucket}/{src_key}", safe="/~"))],
                    "CopyObject", finished)
 
     def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> str | None:
-        result: queue.Queue = queue.Queue()
-        self.start(src_bucket, src_key, dst_bucket, dst_key, lambda *r: result.put(r))
-        etag, error = result.get()
-        if error:
-            raise S3RequestError(error, error.partition(":")[0])
-        return etag
+        return self._retrying(lambda done: self.start(src_bucket, src_key, dst_bucket, dst_key,
+                                                      done))
 
     def list_page(self, bucket: str, prefix: str, token: str | None,
                   max_keys: int) -> tuple[list[Obj], str | None]:
@@ -269,11 +304,22 @@ class CrtEngine:
         return objs, (root.findtext(ns + "NextContinuationToken") if truncated else None)
 
 
-def make_engine(s3, cfg: Settings, requests: RequestCounter | None = None):
+def backoff(attempt: int) -> float:
+    """Full jitter, as botocore's standard mode: up to 50 ms, 100 ms, ... 20 s."""
+    return random.uniform(0, min(20.0, 0.05 * 2 ** (attempt - 1)))
+
+
+def crt_throughput_target(connections: int) -> float:
+    """The CRT sizes its pool from a throughput target, not from the connection
+    ceiling alone: see README "What capped the CRT"."""
+    return max(10.0, connections * CRT_GBPS_PER_CONNECTION)
+
+
+def make_engine(s3, cfg: Settings, pacer: Pacer | None = None):
     """The CRT when it is installed (or asked for), boto3 otherwise."""
     if cfg.engine in ("auto", "crt"):
         try:
-            return CrtEngine(s3, cfg.max_attempts, cfg.workers, requests)
+            return CrtEngine(s3, cfg.max_attempts, cfg.workers, pacer)
         except ImportError:
             if cfg.engine == "crt":
                 raise UsageError("--engine crt needs the awscrt package: pip install awscrt")
@@ -327,9 +373,9 @@ def copy_one(s3, engine, item: Item, cfg: Settings) -> Item:
 
 def copy_async(engine: CrtEngine, item: Item, cfg: Settings, done: Callable[[Item], None]) -> None:
     """The CRT's way of copy_one: no worker thread waits; done(item) gets the outcome."""
-    def finished(etag: str | None, error: str | None) -> None:
-        if error:  # "Code: message"
-            item.action, item.error, item.code = "failed", error, error.partition(":")[0]
+    def finished(etag: str | None, error: str | None, code: str = "") -> None:
+        if error:
+            item.action, item.error, item.code = "failed", error, code
         else:
             item.action = "copied"
             item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag))

@@ -36,6 +36,8 @@ class Item:
     code: str = ""  # S3's error code of the last attempt, e.g. SlowDown, AccessDenied
     rows: int = 0
     verified: bool = False
+    attempts: int = 0  # copies sent for this item (the coordinator retries CRT copies)
+    sent_at: float = 0.0
 
 
 def in_shard(rel_key: str, shard: tuple[int, int] | None) -> bool:

@@ -30,7 +30,6 @@ ACTION_COUNTERS = {COPIED: "copied", ROWS_ONLY: "rows_only", SKIPPED: "skipped",
 TERMINAL_LINES = 20
 
 
-
 @dataclass
 class Stats:
     listed: int = 0
@@ -42,6 +41,8 @@ class Stats:
     rows_rewritten: int = 0
     objects_without_rows: int = 0
     deleted: int = 0
+    slowdowns: int = 0
+    window_peak: int = 0
     rows_left_under_source: int | None = None
     rows_outside: int | None = None
     started: float = field(default_factory=time.monotonic)
@@ -62,7 +63,6 @@ class Stats:
             self.failed_by_code[item.code or "unknown"] += 1
 
 
-
 @dataclass
 class Summary:
     """What one run did: `--json` prints exactly this."""
@@ -81,6 +81,8 @@ class Summary:
     elapsed_s: float
     requests: int
     row_plan: str
+    slowdowns: int = 0  # 503 SlowDown answers received, retried ones included
+    window_peak: int = 0  # most copies in flight at once
     rows_left_under_source: int | None = None
     rows_outside: int | None = None
     archived: int = 0  # archived (GLACIER, DEEP_ARCHIVE): restore first
@@ -97,7 +99,8 @@ class Summary:
                    objects_without_rows=stats.objects_without_rows, conflicts=stats.conflicts,
                    failed=stats.failed, deleted=stats.deleted,
                    elapsed_s=round(time.monotonic() - stats.started, 3), requests=requests,
-                   row_plan=row_plan, rows_left_under_source=stats.rows_left_under_source,
+                   slowdowns=stats.slowdowns, window_peak=stats.window_peak, row_plan=row_plan,
+                   rows_left_under_source=stats.rows_left_under_source,
                    rows_outside=stats.rows_outside, archived=stats.archived,
                    key_too_long=stats.key_too_long,
                    failed_by_code=dict(stats.failed_by_code.most_common()),
@@ -140,7 +143,8 @@ class Summary:
                          f"{self.rows_left_under_source}")
             lines.append(f"  rows outside {cfg.source_prefix} and {cfg.dest_prefix} (untouched): "
                          f"{self.rows_outside}")
-        lines.append(f"  row plan: {self.row_plan}; S3 requests: {self.requests}")
+        lines.append(f"  row plan: {self.row_plan}; S3 requests: {self.requests} "
+                     f"({self.slowdowns} SlowDown); copies in flight up to {self.window_peak}")
         lines.append(f"  elapsed {self.elapsed_s:.1f}s, {rate:.0f} objects/s")
         if self.stopped:
             lines.append(f"  {self.stopped}")
@@ -154,6 +158,7 @@ class Reporter:
         self.total: int | None = None
         self.report = self.report_file = None
         self.last_log = time.monotonic()
+        self.window = None  # the run's Window: the progress line shows its size
         self.shown: Counter = Counter()  # per-object lines logged, by action
         if cfg.report:
             self.report_file = open(cfg.report, "w", newline="", encoding="utf-8")
@@ -190,13 +195,16 @@ class Reporter:
         if self.bar is not None:
             if self.total is not None and self.bar.total != self.total:
                 self.bar.total = self.total
+            if self.window is not None and self.bar.n % 50 == 0:
+                self.bar.set_postfix_str(f"window {self.window.size}", refresh=False)
             self.bar.update(1)
         elif not self.quiet and time.monotonic() - self.last_log >= 5:
             self.last_log = time.monotonic()
             elapsed = time.monotonic() - stats.started
-            log.info("progress: %d done (%d copied, %d rows rewritten, %d failed), %.0f obj/s",
-                     stats.finished, stats.copied, stats.rows_rewritten, stats.failed,
-                     stats.finished / elapsed if elapsed else 0)
+            log.info("progress: %d done (%d copied, %d rows rewritten, %d failed), %.0f obj/s, "
+                     "window %d", stats.finished, stats.copied, stats.rows_rewritten,
+                     stats.failed, stats.finished / elapsed if elapsed else 0,
+                     self.window.size if self.window is not None else 0)
 
     def per_object(self, level: int, item: Item, msg: str, *args) -> None:
         """One line per object: all of them to --log-file, the first TERMINAL_LINES of each

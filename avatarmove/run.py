@@ -5,6 +5,7 @@ finish on worker or CRT threads and come back through one queue.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import queue
@@ -20,11 +21,12 @@ from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionE
                                  NoCredentialsError, PartialCredentialsError)
 
 from . import copying
-from .copying import RequestCounter, copy_async, copy_confirmed, describe_error, make_engine
+from .copying import backoff, copy_async, copy_confirmed, describe_error, make_engine, retryable
 from .database import Database
 from .journal import ensure_journal
 from .lock import take as take_lock
 from .listing import Listing, Obj, check_manifest, listed, read_manifest
+from .pacing import Pacer, Window
 from .incurable import ARCHIVED_CODES, Streak
 from .planning import CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, wanted
 from .report import COPIED, FAILED, ROWS_ONLY, SKIPPED, Reporter, Stats, Summary
@@ -67,12 +69,18 @@ class Migration:
     memory stays flat and the listing is never read far ahead of the copies."""
 
     def __init__(self, s3, engine, db: Database, cfg: Settings, reporter: Reporter,
-                 stop: threading.Event, stats: Stats):
+                 stop: threading.Event, stats: Stats, pacer: Pacer | None = None):
         self.s3, self.engine, self.db, self.cfg = s3, engine, db, cfg
         self.reporter, self.stop, self.stats = reporter, stop, stats
+        self.pacer = pacer or Pacer()
         self.done_q: queue.Queue[Item] = queue.Queue()
         self.inflight = 0
-        self.max_inflight = cfg.workers * 2
+        # --workers is the ceiling; how many copies are in flight adapts below it.
+        self.window = Window(ceiling=cfg.workers)
+        self.pacer.on_throttle.append(self.window.throttled)
+        self.retries: list[tuple[float, int, Item]] = []  # (due, seq, item), a heap
+        self.retry_seq = 0
+        self.sent_async: set[int] = set()  # ids of items the CRT copies without a worker
         self.batch: list[Item] = []
         self.deletes: list[Item] = []
         self.last_flush = time.monotonic()
@@ -114,8 +122,7 @@ class Migration:
             item.action = COPIED  # would be: nothing to ask S3
             self.batch.append(item)
         elif item.kind in (COPY, CHECK):
-            while self.inflight >= self.max_inflight and not self.stop.is_set():
-                self.drain(block=True)
+            self.wait_for_room()
             if not self.stop.is_set():
                 self.send(item)
         elif item.kind == DONE:
@@ -124,10 +131,17 @@ class Migration:
             item.action = CONFLICT
             self.finish(item)
 
+    def wait_for_room(self) -> None:
+        while self.inflight >= self.window.size and not self.stop.is_set():
+            self.drain(block=True)
+
     def send(self, item: Item) -> None:
         self.inflight += 1
+        item.attempts += 1
+        item.sent_at = time.monotonic()
         if (item.kind == COPY and hasattr(self.engine, "start")
                 and (item.src.size or 0) <= self.cfg.multipart_threshold):
+            self.sent_async.add(id(item))
             copy_async(self.engine, item, self.cfg, self.done_q.put)
         else:
             self.executor.submit(copying.copy_one, self.s3, self.engine, item, self.cfg) \
@@ -135,6 +149,12 @@ class Migration:
 
     def take(self, item: Item) -> None:
         self.inflight -= 1
+        was_async = id(item) in self.sent_async
+        self.sent_async.discard(id(item))
+        if item.action == FAILED and was_async and self.retry_later(item):
+            return
+        if item.action and item.action != FAILED:
+            self.window.succeeded(time.monotonic() - item.sent_at)
         self.judge(item)
         if item.kind == CONFLICT:
             item.action = CONFLICT
@@ -158,10 +178,40 @@ class Migration:
                 self.stats.stopped = self.streak.reason(self.cfg)
                 log.debug("stopping: %s; %d copies in flight", self.stats.stopped, self.inflight)
 
+    def retry_later(self, item: Item) -> bool:
+        """CRT copies come back unretried (see CrtEngine): retry those worth it here,
+        after a backoff, without holding a place in the window meanwhile."""
+        if item.attempts >= self.cfg.max_attempts or not retryable(item.code):
+            return False
+        item.action = item.error = ""
+        self.retry_seq += 1
+        heapq.heappush(self.retries, (time.monotonic() + backoff(item.attempts),
+                                      self.retry_seq, item))
+        return True
+
+    def send_due_retries(self) -> float:
+        """Send the retries whose backoff is over; returns seconds to the next one."""
+        while self.retries and not self.stop.is_set():
+            due, _, item = self.retries[0]
+            wait = due - time.monotonic()
+            if wait > 0:
+                return wait
+            if self.inflight >= self.window.size:
+                return 0.05
+            heapq.heappop(self.retries)
+            self.send(item)
+        return 0.2
+
     def drain(self, block: bool) -> None:
-        while self.inflight:
+        while self.inflight or self.retries:
+            timeout = min(0.2, self.send_due_retries())
+            if not self.inflight:
+                if not block or self.stop.is_set():
+                    break
+                time.sleep(timeout)
+                continue
             try:
-                item = self.done_q.get(timeout=0.2) if block else self.done_q.get_nowait()
+                item = self.done_q.get(timeout=timeout) if block else self.done_q.get_nowait()
             except queue.Empty:
                 if not block or self.stop.is_set():
                     break  # not return: the flush check below must run
@@ -176,9 +226,12 @@ class Migration:
     def wait_in_flight(self) -> None:
         """Wait for what is in flight; on interrupt, only a few seconds."""
         deadline = time.monotonic() + (5 if self.stop.is_set() else float("inf"))
-        while self.inflight and time.monotonic() < deadline:
+        while (self.inflight or self.retries) and time.monotonic() < deadline:
+            timeout = max(0.001, min(0.2, self.send_due_retries()))
+            if self.stop.is_set():
+                self.retries.clear()  # not sent yet: a rerun copies them
             try:
-                self.take(self.done_q.get(timeout=0.2))
+                self.take(self.done_q.get(timeout=timeout))
             except queue.Empty:
                 pass
             if len(self.batch) >= self.cfg.batch_size:
@@ -249,8 +302,7 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event,
-                  requests: RequestCounter) -> int:
+def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event, pacer: Pacer) -> int:
     run_id = new_run_id()
     db = Database(cfg, run_id, readonly=cfg.dry_run, stop=stop)
     preflight(s3, db, cfg)
@@ -260,7 +312,7 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event,
     db.prepare(create_index=cfg.create_index and not cfg.dry_run)
     if not cfg.dry_run:
         ensure_journal(db)
-    engine = make_engine(s3, cfg, requests)
+    engine = make_engine(s3, cfg, pacer)
     log.info("%s %s: s3://%s/%s -> s3://%s/%s, %d workers, %s engine%s",
              "dry run" if cfg.dry_run else "run", run_id,
              cfg.source_bucket, cfg.source_prefix, cfg.dest_bucket, cfg.dest_prefix, cfg.workers,
@@ -271,7 +323,10 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event,
         count_in_background(engine, cfg, reporter, stop)
     interrupted = False
     try:
-        Migration(s3, engine, db, cfg, reporter, stop, stats).run()
+        migration = Migration(s3, engine, db, cfg, reporter, stop, stats, pacer)
+        reporter.window = migration.window
+        migration.run()
+        stats.window_peak = migration.window.peak
         interrupted = stop.is_set()
         if not interrupted:
             stats.rows_left_under_source, stats.rows_outside = db.table_counts()
@@ -280,7 +335,8 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event,
     finally:
         reporter.close()
         db.close()
-    summary = Summary.of(stats, cfg, run_id, db.plan_name, requests.value, interrupted)
+    stats.slowdowns = pacer.throttles
+    summary = Summary.of(stats, cfg, run_id, db.plan_name, pacer.sent, interrupted)
     text = summary.to_text(cfg)
     log.debug("summary:\n%s", text)  # the log file keeps it too
     print(summary.to_json() if cfg.json else text, flush=True)
