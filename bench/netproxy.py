@@ -8,9 +8,9 @@ trip to S3 and S3's per-prefix request rate. This proxy puts both back.
 latency      every chunk is held `latency_ms` in each direction (default 25 ms,
              so a request/response costs about 50 ms, a real S3 round trip).
              One asyncio event loop; each direction of each connection keeps a
-             FIFO of (due time, bytes) and one timer for its head, so hundreds
-             of connections wait in parallel, and bytes never overtake each
-             other within a connection.
+             FIFO of (due time, bytes), and one heap of due times with a single
+             loop timer serves them all, so hundreds of connections wait in
+             parallel and bytes never overtake each other within a connection.
 rate         S3's per-prefix limit ("3,500 PUT/COPY/POST/DELETE and 5,500
              GET/HEAD per second"): the proxy reads HTTP/1.1 request boundaries
              on keep-alive connections (request line, headers, then a
@@ -57,9 +57,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import heapq
+import itertools
 import json
 import os
 import queue
+import re
 import secrets
 import signal
 import subprocess
@@ -74,6 +77,9 @@ LOW_WATER = 1 << 18
 MAX_HEAD = 64 * 1024      # a request or response head longer than this: raw forwarding
 SLACK = 0.0005            # deliver chunks due within 0.5 ms in the same write
 READ_METHODS = frozenset({"GET", "HEAD"})
+# the only headers the framing needs; everything else is forwarded unread
+FRAMING_HEADERS = re.compile(
+    rb"\r\n(content-length|transfer-encoding|expect|upgrade)[ \t]*:[ \t]*([^\r\n]*)", re.I)
 
 
 # ---------------------------------------------------------------- S3's refusal
@@ -162,27 +168,29 @@ class MessageReader:
         return ("none",) if info["request"] else ("close",)
 
     def parse_head(self, head: bytes) -> dict:
-        lines = head[:-4].decode("latin-1").split("\r\n")
-        first = lines[0].split(" ", 2)
+        """The start line and the few headers that frame the message (a regex in C:
+        splitting every header line in Python would cost more than the forwarding)."""
+        eol = head.find(b"\r\n")
+        first = head[:eol].decode("latin-1").split(" ", 2)
         headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise FramingError(f"bad header line {line[:40]!r}")
-            name = name.strip().lower()
-            value = value.strip()
-            if name in headers and name == "content-length" and headers[name] != value:
-                raise FramingError("conflicting Content-Length")
-            headers[name] = value if name not in headers else headers[name] + ", " + value
+        for name, value in FRAMING_HEADERS.findall(head, eol):
+            name = name.decode().lower()
+            value = value.decode("latin-1").strip()
+            if name in headers:
+                if name == "content-length" and headers[name] != value:
+                    raise FramingError("conflicting Content-Length")
+                value = headers[name] + ", " + value
+            headers[name] = value
         if self.is_request:
             if len(first) != 3 or not first[2].startswith("HTTP/"):
-                raise FramingError(f"bad request line {lines[0][:60]!r}")
-            info = {"request": True, "method": first[0].upper(), "target": first[1],
-                    "version": first[2], "headers": headers}
-            info["upgrade"] = info["method"] == "CONNECT" or "upgrade" in headers
+                raise FramingError(f"bad request line {head[:60]!r}")
+            method = first[0].upper()
+            info = {"request": True, "method": method, "target": first[1],
+                    "version": first[2], "headers": headers,
+                    "upgrade": method == "CONNECT" or "upgrade" in headers}
         else:
             if len(first) < 2 or not first[0].startswith("HTTP/") or not first[1].isdigit():
-                raise FramingError(f"bad status line {lines[0][:60]!r}")
+                raise FramingError(f"bad status line {head[:60]!r}")
             status = int(first[1])
             info = {"request": False, "status": status, "headers": headers,
                     "interim": 100 <= status < 200 and status != 101,
@@ -287,7 +295,7 @@ class MessageReader:
 class _Pipe:
     """Bytes toward one transport, each chunk held until its due time, in order."""
 
-    __slots__ = ("proxy", "conn", "loop", "dst", "queue", "queued", "timer", "src",
+    __slots__ = ("proxy", "conn", "loop", "dst", "queue", "queued", "scheduled", "src",
                  "src_paused", "dst_paused", "not_before", "closed")
 
     EOF = object()
@@ -301,7 +309,7 @@ class _Pipe:
         self.src = None            # the transport we read these bytes from (flow control)
         self.queue: collections.deque = collections.deque()
         self.queued = 0
-        self.timer = None
+        self.scheduled = False     # an entry for this pipe is in the proxy's timer heap
         self.src_paused = False
         self.dst_paused = False
         self.not_before = 0.0      # no byte leaves before this time (connection set-up)
@@ -320,21 +328,20 @@ class _Pipe:
             self.queued += len(item)
         q = self.queue
         q.append((when, item))
-        if self.timer is None and self.dst is not None:
+        if not self.scheduled and self.dst is not None:
             if when <= now and len(q) == 1:
                 self.flush()
             else:
-                self.timer = self.loop.call_at(q[0][0], self.flush)
+                self.proxy._schedule(self, q[0][0])
         if self.src_paused or self.queued > HIGH_WATER:
             self.flow()
 
     def attach(self, dst) -> None:
         self.dst = dst
-        if self.queue and self.timer is None:
-            self.timer = self.loop.call_at(self.queue[0][0], self.flush)
+        if self.queue and not self.scheduled:
+            self.proxy._schedule(self, self.queue[0][0])
 
     def flush(self) -> None:
-        self.timer = None
         q = self.queue
         if self.closed or self.dst is None:
             return
@@ -351,7 +358,7 @@ class _Pipe:
             self.queued -= len(item)
         self._write(out)
         if q:
-            self.timer = self.loop.call_at(q[0][0], self.flush)
+            self.proxy._schedule(self, q[0][0])
         if self.src_paused:
             self.flow()
 
@@ -388,9 +395,6 @@ class _Pipe:
         self.closed = True
         self.queue.clear()
         self.queued = 0
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
 
 # ---------------------------------------------------------------- one connection
@@ -671,6 +675,11 @@ class NetProxy:
         self.server = None
         self.connections: set[_Connection] = set()
         self.thread: threading.Thread | None = None
+        self._due: list = []       # heap of (due time, seq, pipe): one asyncio timer for all
+        self._seq = itertools.count()
+        self._timer = None
+        self._timer_when = 0.0
+        self._running_due = False
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._reset_counters()
@@ -728,6 +737,36 @@ class NetProxy:
         self.port = self.server.sockets[0].getsockname()[1]
         self.started_at = time.monotonic()
         return self.port
+
+    def _schedule(self, pipe: _Pipe, when: float) -> None:
+        """Flush `pipe` at `when`. One heap and one loop timer for every pipe: a
+        TimerHandle per chunk costs more than the chunk's forwarding."""
+        pipe.scheduled = True
+        heapq.heappush(self._due, (when, next(self._seq), pipe))
+        if self._running_due:
+            return  # _run_due sets the timer when it is done
+        if self._timer is None or when < self._timer_when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_when = when
+            self._timer = self.loop.call_at(when, self._run_due)
+
+    def _run_due(self) -> None:
+        self._timer = None
+        due = self._due
+        deadline = self.loop.time() + SLACK
+        self._running_due = True
+        try:
+            while due and due[0][0] <= deadline:
+                pipe = heapq.heappop(due)[2]
+                pipe.scheduled = False
+                if not pipe.closed:
+                    pipe.flush()
+        finally:
+            self._running_due = False
+        if due:
+            self._timer_when = due[0][0]
+            self._timer = self.loop.call_at(self._timer_when, self._run_due)
 
     def _opened(self, transport) -> _Connection:
         conn = _Connection(self, transport)
