@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def botocore_models_parsed_once():
+    """Each boto3 client move.py makes comes with a new botocore session, which parses
+    the S3 service model's JSON again: a third of the in-process tests' time. One
+    cache for all of this process's loaders, as one botocore session shares one
+    between its clients: the same data, parsed once. (A subprocess is untouched.)"""
+    from botocore import loaders
+
+    real_init = loaders.Loader.__init__
+    caches: dict = {}
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._cache = caches.setdefault((tuple(self.search_paths), tuple(self._extras_types)),
+                                        {})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loaders.Loader, "__init__", init)
+        yield
+
+
 # ---------------------------------------------------------------- PostgreSQL
 
 
@@ -62,12 +84,71 @@ def pg_server_dsn(pg):
     return pg.dsn
 
 
+class Databases:
+    """Fresh databases made ahead, and used ones dropped behind, on a thread of their
+    own: CREATE and DROP DATABASE cost PostgreSQL a few tenths of a second each,
+    which then overlap with the tests (the other core) instead of adding to them."""
+
+    def __init__(self, pg, ahead: int = 3):
+        self.pg = pg
+        self.ready: queue.Queue = queue.Queue(maxsize=ahead)  # DSNs, or the error making one
+        self.used: queue.Queue = queue.Queue()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._work, name="databases", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while not self.stopping.is_set():
+            if not self.ready.full():  # a test may be waiting: making comes first
+                try:
+                    self.ready.put(self.pg.new_database())
+                except Exception as exc:  # noqa: BLE001 - handed to the test that takes it
+                    self.ready.put(exc)
+                    self.stopping.wait(1)
+                continue
+            try:
+                self._drop(self.used.get(timeout=0.05))
+            except queue.Empty:
+                pass
+
+    def _drop(self, url: str) -> None:
+        try:
+            self.pg.drop_database(url)
+        except Exception:  # noqa: BLE001 - the server's own cleanup drops what is left
+            pass
+
+    def take(self) -> str:
+        got = self.ready.get(timeout=120)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def give_back(self, url: str) -> None:
+        self.used.put(url)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=60)
+        for q in (self.used, self.ready):
+            while not q.empty():
+                got = q.get_nowait()
+                if isinstance(got, str):
+                    self._drop(got)
+
+
+@pytest.fixture(scope="session")
+def databases(pg):
+    pool = Databases(pg)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def dsn(pg):
+def dsn(databases):
     """A fresh, empty database for one test, dropped afterwards."""
-    url = pg.new_database()
+    url = databases.take()
     yield url
-    pg.drop_database(url)
+    databases.give_back(url)
 
 
 @pytest.fixture
