@@ -57,6 +57,11 @@ RCLONE_ENV = (("RCLONE_CONFIG", "{workdir}/no-rclone.conf"),
 TOOLS: dict[str, Tool] = {
     "move": Tool("move.py", "copy + rewrite rows",
                  ("{python}", "{move}", "--json", "{move_args}"), kind="move"),
+    # the ceiling of copies in flight, for "does doubling it double the rate under latency?"
+    "move_w32": Tool("move.py --workers 32", "copy + rewrite rows",
+                     ("{python}", "{move}", "--json", "--workers", "32"), kind="move"),
+    "move_w64": Tool("move.py --workers 64", "copy + rewrite rows",
+                     ("{python}", "{move}", "--json", "--workers", "64"), kind="move"),
     "move_boto3": Tool("move.py --engine boto3", "copy + rewrite rows",
                        ("{python}", "{move}", "--json", "--engine", "boto3"), kind="move"),
     "s5cmd": Tool("s5cmd cp", "copy only",
