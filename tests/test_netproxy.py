@@ -7,6 +7,7 @@ requests, answers and bytes.
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import random
 import socket
 import sys
@@ -16,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import netproxy  # noqa: E402
-from netproxy import MessageReader, NetProxy, ProxyProcess  # noqa: E402
+# loaded by path: putting bench/ on sys.path would shadow modules named run, measure, ...
+_spec = importlib.util.spec_from_file_location(
+    "netproxy", Path(__file__).resolve().parent.parent / "bench" / "netproxy.py")
+netproxy = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("netproxy", netproxy)
+_spec.loader.exec_module(netproxy)
+MessageReader, NetProxy, ProxyProcess = netproxy.MessageReader, netproxy.NetProxy, netproxy.ProxyProcess
 
 BLOB = bytes(range(256)) * 64 + random.Random(7).randbytes(4096)  # every byte value
 
