@@ -23,7 +23,8 @@ _spec = importlib.util.spec_from_file_location(
 netproxy = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("netproxy", netproxy)
 _spec.loader.exec_module(netproxy)
-MessageReader, NetProxy, ProxyProcess = netproxy.MessageReader, netproxy.NetProxy, netproxy.ProxyProcess
+MessageReader, NetProxy = netproxy.MessageReader, netproxy.NetProxy
+ProxyProcess = netproxy.ProxyProcess
 
 BLOB = bytes(range(256)) * 64 + random.Random(7).randbytes(4096)  # every byte value
 
