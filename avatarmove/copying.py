@@ -17,6 +17,8 @@ from typing import Callable
 from urllib.parse import quote, unquote_plus, urlsplit
 
 import boto3
+import botocore.loaders
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -27,6 +29,21 @@ from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, Item, archive
 from .settings import Settings, UsageError
 
 log = logging.getLogger("move")
+
+
+_LOADERS: dict = {}
+
+
+def aws_session(**kwargs) -> boto3.session.Session:
+    """A new session (credentials and settings read afresh from the environment)
+    sharing this process's one data loader: every botocore session otherwise parses
+    the S3 service model's JSON again, about 40 ms each time."""
+    core = botocore.session.get_session()
+    path = core.get_config_variable("data_path")
+    if path not in _LOADERS:
+        _LOADERS[path] = botocore.loaders.create_loader(path)
+    core.register_component("data_loader", _LOADERS[path])
+    return boto3.session.Session(botocore_session=core, **kwargs)
 
 
 def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: int = 50,
@@ -44,7 +61,7 @@ def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: i
         read_timeout=120,
         tcp_keepalive=True,
     )
-    client = boto3.session.Session().client("s3", config=config)
+    client = aws_session().client("s3", config=config)
     if pacer is not None:
         # Every attempt, retries included, waits for the run's token bucket; every
         # answer tells the pacer whether S3 asked to slow down.
@@ -179,7 +196,7 @@ class CrtEngine:
         from awscrt.s3 import S3Client, S3RequestTlsMode, S3RetryConfig, S3RetryMode
 
         # The same chain as the boto3 client; the object refreshes itself (roles, SSO).
-        credentials = boto3.session.Session().get_credentials()
+        credentials = aws_session().get_credentials()
         if credentials is None:
             raise NoCredentialsError()
 

@@ -47,6 +47,7 @@ class Window:
         self.lrtt: float | None = None  # long-term smoothed latency
         self.last_cut = float("-inf")
         self.throttles = 0
+        self.cuts = {"slowdown": 0, "latency": 0}
         self.peak = int(self.limit)
         self._lock = threading.Lock()
         self._epoch_start = clock()
@@ -68,6 +69,7 @@ class Window:
                     and self.srtt - self.lrtt > self.LATENCY_RISE_MIN_S
                     and now - self.last_cut > self.srtt):
                 self._cut(0.8, now)
+                self.cuts["latency"] += 1
             elif self.limit < self.ssthresh:
                 # Slow start: double per round trip, but no faster than per MIN_ROUND_S,
                 # so a fast loopback does not reach the ceiling before the first answer
@@ -88,6 +90,7 @@ class Window:
             now = self.clock()
             if now - self.last_cut > (self.srtt or 0.05):
                 self._cut(0.5, now)
+                self.cuts["slowdown"] += 1
 
     def _cut(self, factor: float, now: float) -> None:
         self.limit = max(float(self.floor), self.limit * factor)

@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError,
@@ -86,6 +87,10 @@ class Migration:
         self.last_flush = time.monotonic()
         self.executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="copy")
         self.streak = Streak()  # copies failing with errors a rerun cannot cure
+        self.flushes, self.flush_s = 0, 0.0  # batches of rows written, and the time they took
+        # Writing rows blocks on the database: a thread of its own, so copies go on meanwhile.
+        self.db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
+        self.writes: deque[Future] = deque()
 
     def items(self) -> Iterator[Item]:
         cfg = self.cfg
@@ -112,10 +117,12 @@ class Migration:
                     break  # stopped: what is in flight finishes and gets its rows below
             self.wait_in_flight()
             self.flush()
+            self.collect_rows(wait=True)
             if self.deletes:
                 self.delete_sources()
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
+            self.db_thread.shutdown(wait=True, cancel_futures=True)
 
     def dispatch(self, item: Item) -> None:
         if item.kind == COPY and self.cfg.dry_run:
@@ -222,6 +229,7 @@ class Migration:
             block = False
         if len(self.batch) >= self.cfg.batch_size or time.monotonic() - self.last_flush >= 1.0:
             self.flush()
+        self.collect_rows()
 
     def wait_in_flight(self) -> None:
         """Wait for what is in flight; on interrupt, only a few seconds."""
@@ -236,6 +244,7 @@ class Migration:
                 pass
             if len(self.batch) >= self.cfg.batch_size:
                 self.flush()
+            self.collect_rows()
         if self.inflight:
             log.warning("%d copies still in flight were abandoned; a rerun finishes them",
                         self.inflight)
@@ -245,15 +254,34 @@ class Migration:
         self.reporter.item(item, self.stats)
 
     def flush(self) -> None:
-        """Rewrite the rows of the copies done so far, then report them."""
+        """Hand the copies done so far to the database thread, so copies keep going
+        while their rows are written; at most two batches wait there."""
         self.last_flush = time.monotonic()
         if not self.batch:
             return
         work, self.batch = self.batch, []
-        cfg, stats = self.cfg, self.stats
+        while len(self.writes) >= 2:
+            self.finish_rows(*self.writes.popleft().result())
+        self.writes.append(self.db_thread.submit(self.write_rows, work))
+
+    def write_rows(self, work: list[Item]):
+        """On the database thread, the only one that uses the Database during the run:
+        look the rows up, rewrite them (compare-and-set), never print."""
+        t0 = time.monotonic()
         counts = self.db.lookup([k for i in work for k in (i.src.key, i.dest_key)])
         pending = [(i.src.key, i.dest_key) for i in work if counts.get(i.src.key)]
-        rewritten = {} if cfg.dry_run else self.db.rewrite(pending)
+        rewritten = {} if self.cfg.dry_run else self.db.rewrite(pending)
+        self.flush_s += time.monotonic() - t0
+        return work, counts, rewritten
+
+    def collect_rows(self, wait: bool = False) -> None:
+        """Report the batches the database thread has written (errors re-raised here)."""
+        while self.writes and (wait or self.writes[0].done()):
+            self.finish_rows(*self.writes.popleft().result())
+
+    def finish_rows(self, work: list[Item], counts: dict, rewritten: dict) -> None:
+        cfg, stats = self.cfg, self.stats
+        self.flushes += 1
         for i in work:
             i.rows = counts.get(i.src.key, 0) if cfg.dry_run else rewritten.get(i.src.key, 0)
             stats.rows_rewritten += i.rows
@@ -279,7 +307,8 @@ class Migration:
         work, self.deletes = self.deletes, []
         for start in range(0, len(work), 1000):
             chunk = work[start:start + 1000]
-            still = self.db.referenced([i.src.key for i in chunk])
+            still = self.db_thread.submit(self.db.referenced,
+                                          [i.src.key for i in chunk]).result()
             for i in chunk:
                 if i.src.key in still:
                     log.warning("kept source %s: a row points at it again (changed during the "
@@ -327,6 +356,11 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event, pacer: 
         reporter.window = migration.window
         migration.run()
         stats.window_peak = migration.window.peak
+        w = migration.window
+        log.debug("copies in flight: peak %d, last %d; cut %d times on SlowDown, %d on latency "
+                  "(%.0f ms now, %.0f ms long-term); %d row batches took %.2f s",
+                  w.peak, w.size, w.cuts["slowdown"], w.cuts["latency"], (w.srtt or 0) * 1000,
+                  (w.lrtt or 0) * 1000, migration.flushes, migration.flush_s)
         interrupted = stop.is_set()
         if not interrupted:
             stats.rows_left_under_source, stats.rows_outside = db.table_counts()

@@ -448,10 +448,11 @@ def child_env(dsn: str | None = None, endpoint: str | None = None,
 def s3_client(endpoint: str, access_key: str = TEST_ACCESS_KEY,
               secret_key: str = TEST_SECRET_KEY, attempts: int = 5, pool: int = 16):
     """A boto3 client for the harness (path-style, us-east-1, never the machine's config)."""
-    import boto3
     from botocore.config import Config
-    return boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-                                 region_name=REGION).client(
+
+    from avatarmove.copying import aws_session  # one parsed service model per process
+    return aws_session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                       region_name=REGION).client(
         "s3", endpoint_url=endpoint,
         config=Config(retries={"mode": "standard", "max_attempts": attempts},
                       max_pool_connections=pool, s3={"addressing_style": "path"}))

@@ -42,26 +42,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def botocore_models_parsed_once():
-    """Each boto3 client move.py makes comes with a new botocore session, which parses
-    the S3 service model's JSON again: a third of the in-process tests' time. One
-    cache for all of this process's loaders, as one botocore session shares one
-    between its clients: the same data, parsed once. (A subprocess is untouched.)"""
-    from botocore import loaders
-
-    real_init = loaders.Loader.__init__
-    caches: dict = {}
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        self._cache = caches.setdefault((tuple(self.search_paths), tuple(self._extras_types)),
-                                        {})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loaders.Loader, "__init__", init)
-        yield
-
-
 # ---------------------------------------------------------------- PostgreSQL
 
 
@@ -392,3 +372,48 @@ def assert_consistent(conn, client, names: list[str]) -> int:
     assert [p.split("/", 1)[1] for p in paths] == [k.split("/", 1)[1] for k in names]
     assert all(p in dest for p in paths if p.startswith("avatar/"))
     return sum(p.startswith("avatar/") for p in paths)
+
+
+class Bg:
+    """move.py --json as a background subprocess, output to files (no pipe to fill):
+    summary(bg.out) is what the run did."""
+
+    def __init__(self, tmp_path: Path, dsn: str, *args: str, env: dict | None = None):
+        n = len(list(tmp_path.glob("out*.txt")))
+        self.out_path, self.err_path = tmp_path / f"out{n}.txt", tmp_path / f"err{n}.txt"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(move_cmd("--json", *args), cwd=tmp_path, stdout=out,
+                                         stderr=err, env=subprocess_env(dsn, **(env or {})))
+
+    def wait_until(self, cond, timeout: float = 60, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if self.proc.poll() is not None:
+                pytest.fail(f"move.py ended (exit {self.proc.returncode}) before {what}:\n"
+                            f"{self.out}\n{self.err}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}")
+            time.sleep(0.02)
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"move.py still running after {timeout}s:\n{self.out}\n{self.err}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def summary(self) -> dict:
+        return summary(self.out)
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()

@@ -21,7 +21,6 @@ import csv
 import re
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -31,8 +30,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from psycopg2.extensions import make_dsn
 
-from conftest import (DEST, PNG, SOURCE, insert_rows, keys, listing, move_cmd, put, rows,
-                      subprocess_env, summary)
+from conftest import (DEST, PNG, SOURCE, insert_rows, keys, listing, put, rows,
+                      summary)
+from conftest import Bg
 from conftest import moto_backend as backend
 from devtools.sandbox import SandboxError, start_postgres
 from faultproxy import DENIED, DROP_AFTER, DROP_BEFORE, INTERNAL, OK_ERROR, SLOWDOWN, FaultProxy
@@ -98,44 +98,6 @@ def check_invariant(conn, client, source_keys: list[str]) -> tuple[int, int]:
 def assert_all_done(conn, client, source_keys: list[str]) -> None:
     rewritten, copies = check_invariant(conn, client, source_keys)
     assert rewritten == len(source_keys) and copies == len(source_keys)
-
-
-class Bg:
-    """move.py --json as a background subprocess, output to files (no pipe to fill):
-    summary(bg.out) is what the run did."""
-
-    def __init__(self, tmp_path: Path, dsn: str, *args: str, env: dict | None = None):
-        n = len(list(tmp_path.glob("out*.txt")))
-        self.out_path, self.err_path = tmp_path / f"out{n}.txt", tmp_path / f"err{n}.txt"
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(move_cmd("--json", *args), cwd=tmp_path, stdout=out,
-                                         stderr=err, env=subprocess_env(dsn, **(env or {})))
-
-    def wait_until(self, cond, timeout: float = 60, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if self.proc.poll() is not None:
-                pytest.fail(f"move.py ended (exit {self.proc.returncode}) before {what}:\n"
-                            f"{self.out}\n{self.err}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}")
-            time.sleep(0.02)
-
-    def wait(self, timeout: float = 120) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"move.py still running after {timeout}s:\n{self.out}\n{self.err}")
-
-    @property
-    def out(self) -> str:
-        return self.out_path.read_text()
-
-    @property
-    def err(self) -> str:
-        return self.err_path.read_text()
 
 
 def settle(count=dest_count, quiet: float = 0.3, timeout: float = 10) -> int:

@@ -9,8 +9,6 @@ rewrite (conftest.row_locked), never by timing.
 from __future__ import annotations
 
 import contextlib
-import json
-import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -22,9 +20,9 @@ from psycopg2.extensions import make_dsn
 from avatarmove.database import Database
 from avatarmove.lock import wanted
 from avatarmove.settings import Settings
+from conftest import Bg
 from conftest import (DEST, PNG, SOURCE, assert_consistent, insert_rows, journal_exists, keys,
-                      moto_backend, move_cmd, put, row_locked, rows, run_backends, subprocess_env,
-                      wait_until)
+                      moto_backend, put, row_locked, rows, run_backends, wait_until)
 
 OTHER_RUN = ("20990101T000000Z-feed01", "4242", "otherhost")
 
@@ -153,35 +151,9 @@ def test_rollback_takes_the_lock_too(run, s3, db, dsn, capsys):
 # --------------------------------------------------------------------------- subprocesses
 
 
-class Background:
-    """move.py as a subprocess (--json: stdout is the summary), output to files."""
-
-    def __init__(self, tmp_path: Path, dsn: str, *args: str):
-        n = len(list(tmp_path.glob("err*.txt")))
-        self.out_path, self.err_path = tmp_path / f"out{n}.txt", tmp_path / f"err{n}.txt"
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(
-                move_cmd("--quiet", "--json", "--engine", "boto3", *args), cwd=tmp_path,
-                stdout=out, stderr=err, env=subprocess_env(dsn))
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait(self, timeout: float = 120) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"move.py still running after {timeout}s:\n{self.err}")
-
-    @property
-    def err(self) -> str:
-        return self.err_path.read_text()
-
-    @property
-    def summary(self) -> dict:
-        return json.loads(self.out_path.read_text())
+def background(tmp_path: Path, dsn: str, *args: str) -> Bg:
+    """move.py --json as a subprocess (stdout is the summary), output to files."""
+    return Bg(tmp_path, dsn, "--quiet", "--engine", "boto3", *args)
 
 
 def running_run(conn) -> tuple[int, tuple[str, str, str]]:
@@ -208,10 +180,10 @@ RUN = ("--workers", "2", "--batch-size", "20")
 def test_two_runs_at_once_copy_each_object_once(db, dsn, client, tmp_path, copy_requests):
     names = seed(db, N)
     with row_locked(dsn, names[0]):  # the first run waits in its first batch
-        first = Background(tmp_path, dsn, *RUN)
+        first = background(tmp_path, dsn, *RUN)
         wait_until(lambda: run_backends(db, waiting=True), "the first run waits", first.alive)
         _, holder = running_run(db)
-        second = Background(tmp_path, dsn, *RUN)
+        second = background(tmp_path, dsn, *RUN)
         assert second.wait() == 2
         assert holder[1] == str(first.proc.pid)
         assert holder_named(one_line(second.err), *holder), second.err
@@ -226,7 +198,7 @@ def test_shards_run_side_by_side_but_not_beside_a_run_of_the_whole(db, dsn, clie
                                                                   copy_requests):
     names = seed(db, N)
     with row_locked(dsn, names[0]):  # the shard holding this key waits in its first batch
-        shards = [Background(tmp_path, dsn, *RUN, "--shard", f"{i}/2") for i in range(2)]
+        shards = [background(tmp_path, dsn, *RUN, "--shard", f"{i}/2") for i in range(2)]
         wait_until(lambda: not all(s.alive() for s in shards), "one shard finishes")
         done = next(s for s in shards if not s.alive())
         waiting = next(s for s in shards if s.alive())
@@ -235,8 +207,8 @@ def test_shards_run_side_by_side_but_not_beside_a_run_of_the_whole(db, dsn, clie
         assert done.wait() == 0, done.err  # it ran beside the other, which holds its lock
         shard = "0/2" if waiting is shards[0] else "1/2"
         _, holder = running_run(db)
-        whole = Background(tmp_path, dsn, *RUN)
-        same_shard = Background(tmp_path, dsn, *RUN, "--shard", shard)
+        whole = background(tmp_path, dsn, *RUN)
+        same_shard = background(tmp_path, dsn, *RUN, "--shard", shard)
         for other in (whole, same_shard):
             assert other.wait() == 2
             assert holder_named(one_line(other.err), *holder), other.err
@@ -253,7 +225,7 @@ THIEF = ("20990101T000000Z-cafe01", "777", "thief")
 def test_run_that_lost_its_lock_to_another_run_stops(db, dsn, client, tmp_path):
     names = seed(db, 40)
     with row_locked(dsn, names[0]):
-        run = Background(tmp_path, dsn, "--workers", "1", "--batch-size", "5")
+        run = background(tmp_path, dsn, "--workers", "1", "--batch-size", "5")
         wait_until(lambda: run_backends(db, waiting=True), "the run waits", run.alive)
         backend, _ = running_run(db)
         # Another run queues for the lock; it gets it the moment the run's session ends.
@@ -291,7 +263,7 @@ def test_run_that_lost_its_connection_takes_its_lock_again_and_finishes(db, dsn,
                                                                         tmp_path, copy_requests):
     names = seed(db, 40)
     with row_locked(dsn, names[0]):
-        run = Background(tmp_path, dsn, "--workers", "1", "--batch-size", "5")
+        run = background(tmp_path, dsn, "--workers", "1", "--batch-size", "5")
         wait_until(lambda: run_backends(db, waiting=True), "the run waits", run.alive)
         backend, _ = running_run(db)
         with db.cursor() as cur:
