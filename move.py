@@ -16,7 +16,8 @@ import os
 import sys
 
 import psycopg2
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError,
+                                 PartialCredentialsError)
 
 from avatarmove.copying import S3RequestError, describe_error, error_code, make_s3_client
 from avatarmove.incurable import hint, is_incurable

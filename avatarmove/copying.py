@@ -55,7 +55,8 @@ def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: i
     off on throttling (503 SlowDown), 5xx and dropped connections.
     """
     config = Config(
-        retries={"mode": retry_mode, "total_max_attempts": max_attempts},  # "max_attempts" = retries
+        # botocore's "max_attempts" counts retries; "total_max_attempts" counts attempts
+        retries={"mode": retry_mode, "total_max_attempts": max_attempts},
         max_pool_connections=pool,
         connect_timeout=10,
         read_timeout=120,
@@ -215,7 +216,8 @@ class CrtEngine:
         elg = EventLoopGroup(1)  # one native loop thread: less contention on 2 cores
         self.client = S3Client(
             bootstrap=ClientBootstrap(elg, DefaultHostResolver(elg)), region=self.region,
-            tls_mode=S3RequestTlsMode.ENABLED if url.scheme == "https" else S3RequestTlsMode.DISABLED,
+            tls_mode=(S3RequestTlsMode.ENABLED if url.scheme == "https"
+                      else S3RequestTlsMode.DISABLED),
             credential_provider=AwsCredentialsProvider.new_delegate(current),
             throughput_target_gbps=crt_throughput_target(connections),
             max_active_connections_override=connections,  # exact, despite float rounding
@@ -345,7 +347,8 @@ def make_engine(s3, cfg: Settings, pacer: Pacer | None = None):
             return CrtEngine(s3, cfg.max_attempts, cfg.workers, pacer)
         except ImportError:
             if cfg.engine == "crt":
-                raise UsageError("--engine crt needs the awscrt package: pip install awscrt")
+                raise UsageError("--engine crt needs the awscrt package: "
+                                 "pip install awscrt") from None
     return Boto3Engine(s3)
 
 

@@ -297,7 +297,8 @@ class Database:
 
     def _lookup_source(self):
         return (sql.SQL("pg_temp.move_pending") if self.plan_name == "snapshot"
-                else sql.SQL("(SELECT {col}::text AS path FROM {table} WHERE {col} = ANY(%(keys)s)) r")
+                else sql.SQL("(SELECT {col}::text AS path FROM {table} "
+                             "WHERE {col} = ANY(%(keys)s)) r")
                 .format(col=self.col, table=self.table))
 
     # batches ------------------------------------------------------------

@@ -54,7 +54,8 @@ def wanted(db, table_oid: int) -> list[tuple[int, bool]]:
     whole = (str(table_oid), cfg.column, cfg.source_prefix, cfg.dest_prefix)
     if not cfg.shard:
         return [(lock_key(*whole), False)]
-    return [(lock_key(*whole), True), (lock_key(*whole, "shard %d/%d" % cfg.shard), False)]
+    shard = f"shard {cfg.shard[0]}/{cfg.shard[1]}"
+    return [(lock_key(*whole), True), (lock_key(*whole, shard), False)]
 
 
 def take(db) -> None:

@@ -170,7 +170,8 @@ class Pacer:
         with self._lock:
             self.throttles += 1
             now = self.clock()
-            if now - self._last_cut >= 1.0:  # one cut per second: answers to a burst arrive together
+            # one cut per second: the answers to one burst arrive together
+            if now - self._last_cut >= 1.0:
                 while self._ok and self._ok[0] < now - 1.0:
                     self._ok.popleft()
                 accepted = max(1.0, float(len(self._ok)))

@@ -18,7 +18,8 @@ from .settings import Settings
 log = logging.getLogger("move")
 
 # An item's outcome (Item.action) and the counter it adds to.
-COPIED, ROWS_ONLY, SKIPPED, CONFLICT, FAILED = "copied", "rows-only", "skipped", "conflict", "failed"
+COPIED, ROWS_ONLY, SKIPPED = "copied", "rows-only", "skipped"
+CONFLICT, FAILED = "conflict", "failed"
 # Objects that cannot be copied as they are (planning's kinds): skipped, rows left alone.
 ARCHIVED, KEY_TOO_LONG = SKIP_ARCHIVED, SKIP_KEY_TOO_LONG
 ACTION_COUNTERS = {COPIED: "copied", ROWS_ONLY: "rows_only", SKIPPED: "skipped",

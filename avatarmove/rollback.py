@@ -40,7 +40,7 @@ def rollback(s3, cfg: Settings, run: str) -> int:
     restored = 0
     for start in range(0, len(ok), cfg.batch_size):
         olds = [o for o, _ in ok[start:start + cfg.batch_size]]
-        restored += db.retry(lambda cur: undo(cur, db, run, olds))
+        restored += db.retry(lambda cur, olds=olds: undo(cur, db, run, olds))
     db.close()
     print(f"Rollback of run {run}: {restored} row(s) restored for {len(ok)} key(s); "
           f"{len(refused)} key(s) refused. Copies in s3://{cfg.dest_bucket} were left in place.",

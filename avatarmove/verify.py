@@ -58,7 +58,8 @@ def check_objects(s3, db: Database, cfg: Settings, problem: Problems) -> int:
         if item.kind == CHECK:
             h = head(s3, cfg.dest_bucket, item.dest_key)
             item.dest = obj_from_head(item.dest_key, h) if h else None
-            item.kind = COPY if h is None else DONE if same_content(item.src, item.dest) else CONFLICT
+            item.kind = (COPY if h is None else
+                         DONE if same_content(item.src, item.dest) else CONFLICT)
         if item.kind == COPY:
             problem("MISSING-COPY", f"{item.src.key} has no copy at {item.dest_key}")
         elif item.kind == CONFLICT:
