@@ -417,3 +417,78 @@ class Bg:
     @property
     def err(self) -> str:
         return self.err_path.read_text()
+
+
+# ---------------------------------------------------------------- states and views shared by the
+# dry-run, verify, rollback and report tests
+
+OTHER = PNG + b"other content"
+
+
+def journal(conn) -> list[tuple]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT run_id, old_path, new_path, rows, rolled_back_at IS NOT NULL "
+                    "FROM avatars_move_journal ORDER BY old_path, id")
+        return cur.fetchall()
+
+
+def table_exists(conn, name: str) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (name,))
+        return cur.fetchone()[0] is not None
+
+
+
+
+
+def snapshot(client, conn) -> tuple:
+    """Everything a run could change: both buckets (key, ETag) and the table."""
+    def listing(bucket):
+        out = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            out += [(o["Key"], o["ETag"]) for o in page.get("Contents", ())]
+        return out
+    return listing(SOURCE), listing(DEST), rows(conn)
+
+
+def fail_copy_of(monkeypatch, *failing: str) -> None:
+    """copy_one fails (as S3 would) for the given source keys, works for the rest."""
+    from avatarmove import copying
+    real = copying.copy_one
+
+    def copy_one(s3, copier, item, cfg):
+        if item.src.key in failing:
+            item.action, item.error = "failed", "InternalError: injected failure"
+            return item
+        return real(s3, copier, item, cfg)
+    monkeypatch.setattr(copying, "copy_one", copy_one)
+
+
+def mixed_state(s3, db) -> None:
+    """3 to copy, 2 rows-only, 2 done, 1 conflict, 2 rows without objects, 1 row elsewhere.
+
+    to copy:   c0 (1 row), c1 (2 rows), c2 (no row)
+    rows only: r0, r1 (identical copy exists, 1 row each still on image/)
+    done:      d0, d1 (identical copy exists, rows already on avatar/)
+    conflict:  x (avatar/x.png differs; 1 row on image/)
+    no object: rows image/gone0.png, image/gone1.png
+    elsewhere: a row outside both prefixes, and a NULL
+    plus a non-PNG under image/ that is never listed as a PNG
+    """
+    for k in ("c0", "c1", "c2", "r0", "r1", "d0", "d1", "x"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    for k in ("r0", "r1", "d0", "d1"):
+        put(s3, f"avatar/{k}.png", PNG + k.encode(), bucket=DEST)
+    put(s3, "avatar/x.png", OTHER, bucket=DEST)
+    put(s3, "image/readme.txt", b"not a png")
+    insert_rows(db, ["image/c0.png", "image/c1.png", "image/c1.png", "image/r0.png",
+                     "image/r1.png", "avatar/d0.png", "avatar/d1.png", "image/x.png",
+                     "image/gone0.png", "image/gone1.png", "elsewhere/y.png", None])
+
+
+def migrated(run, s3, db, capsys, names=("a", "b", "c")) -> None:
+    for n in names:
+        put(s3, f"image/{n}.png", PNG + n.encode())
+    insert_rows(db, [f"image/{n}.png" for n in names])
+    assert run() == 0
+    capsys.readouterr()

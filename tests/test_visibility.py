@@ -1,6 +1,6 @@
-"""Issue 3, "Visibility" and "Also": what move.py shows and keeps about a run.
+"""What move.py shows and keeps about a run (verify and rollback have files of their own).
 
---dry-run, --verify, --report, the journal and --rollback, --delete-source,
+--dry-run, --report, --delete-source,
 multipart copies, progress and logging (TTY or not, --quiet, --log-file), and
 no secret in the log or the report. Each test builds its state, runs move.py
 (in-process against moto, or as a subprocess against moto's HTTP server) and
@@ -25,77 +25,11 @@ from psycopg2.extensions import make_dsn
 import move
 from avatarmove import copying, report
 from avatarmove.database import Database
-from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, move_cmd, put, rows,
-                      subprocess_env, summary)
+from conftest import (DEST, OTHER, PNG, SOURCE, body, fail_copy_of, insert_rows, keys,
+                      mixed_state, move_cmd, put, rows, snapshot, subprocess_env,
+                      summary, table_exists)
 
-OTHER = PNG + b"other content"
 REAL_COPY_ONE = copying.copy_one
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-
-
-
-def journal(conn) -> list[tuple]:
-    with conn.cursor() as cur:
-        cur.execute("SELECT run_id, old_path, new_path, rows, rolled_back_at IS NOT NULL "
-                    "FROM avatars_move_journal ORDER BY old_path, id")
-        return cur.fetchall()
-
-
-def table_exists(conn, name: str) -> bool:
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (name,))
-        return cur.fetchone()[0] is not None
-
-
-
-
-
-def snapshot(client, conn) -> tuple:
-    """Everything a run could change: both buckets (key, ETag) and the table."""
-    def listing(bucket):
-        out = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            out += [(o["Key"], o["ETag"]) for o in page.get("Contents", ())]
-        return out
-    return listing(SOURCE), listing(DEST), rows(conn)
-
-
-def fail_copy_of(monkeypatch, *failing: str) -> None:
-    """copy_one fails (as S3 would) for the given source keys, works for the rest."""
-    real = copying.copy_one
-
-    def copy_one(s3, copier, item, cfg):
-        if item.src.key in failing:
-            item.action, item.error = "failed", "InternalError: injected failure"
-            return item
-        return real(s3, copier, item, cfg)
-    monkeypatch.setattr(copying, "copy_one", copy_one)
-
-
-def mixed_state(s3, db) -> None:
-    """3 to copy, 2 rows-only, 2 done, 1 conflict, 2 rows without objects, 1 row elsewhere.
-
-    to copy:   c0 (1 row), c1 (2 rows), c2 (no row)
-    rows only: r0, r1 (identical copy exists, 1 row each still on image/)
-    done:      d0, d1 (identical copy exists, rows already on avatar/)
-    conflict:  x (avatar/x.png differs; 1 row on image/)
-    no object: rows image/gone0.png, image/gone1.png
-    elsewhere: a row outside both prefixes, and a NULL
-    plus a non-PNG under image/ that is never listed as a PNG
-    """
-    for k in ("c0", "c1", "c2", "r0", "r1", "d0", "d1", "x"):
-        put(s3, f"image/{k}.png", PNG + k.encode())
-    for k in ("r0", "r1", "d0", "d1"):
-        put(s3, f"avatar/{k}.png", PNG + k.encode(), bucket=DEST)
-    put(s3, "avatar/x.png", OTHER, bucket=DEST)
-    put(s3, "image/readme.txt", b"not a png")
-    insert_rows(db, ["image/c0.png", "image/c1.png", "image/c1.png", "image/r0.png",
-                     "image/r1.png", "avatar/d0.png", "avatar/d1.png", "image/x.png",
-                     "image/gone0.png", "image/gone1.png", "elsewhere/y.png", None])
 
 
 # --------------------------------------------------------------------------- --dry-run
@@ -145,66 +79,6 @@ def test_dry_run_after_a_finished_migration_has_nothing_to_do(run, s3, db, capsy
     assert (s["dry_run"], s["copied"], s["skipped"], s["rows_rewritten"]) == (True, 0, 1, 0)
 
 
-# --------------------------------------------------------------------------- --verify
-
-
-def migrated(run, s3, db, capsys, names=("a", "b", "c")) -> None:
-    for n in names:
-        put(s3, f"image/{n}.png", PNG + n.encode())
-    insert_rows(db, [f"image/{n}.png" for n in names])
-    assert run() == 0
-    capsys.readouterr()
-
-
-def test_verify_clean_then_missing_copy_then_rerun_heals(run, s3, db, capsys):
-    migrated(run, s3, db, capsys)
-    before = snapshot(s3, db)
-    assert run("--verify") == 0
-    out = capsys.readouterr().out
-    assert "0 problem(s)" in out
-    assert not re.search(r"^[A-Z-]+: ", out, re.M)
-    assert snapshot(s3, db) == before
-
-    s3.delete_object(Bucket=DEST, Key="avatar/b.png")
-    before = snapshot(s3, db)
-    assert run("--verify") == 1
-    out = capsys.readouterr().out
-    assert snapshot(s3, db) == before  # read-only
-    assert re.search(r"^MISSING-COPY: image/b\.png has no copy at avatar/b\.png$", out, re.M), out
-    # its row now dangles too
-    assert re.search(r"^DANGLING-ROW: 1 row\(s\) point at avatar/b\.png\b", out, re.M), out
-    assert "2 problem(s)" in out
-
-    assert run() == 0  # a normal rerun copies it again
-    s = summary(capsys.readouterr().out)
-    assert s["copied"] == 1 and s["skipped"] == 2
-    assert body(s3, "avatar/b.png") == PNG + b"b"
-    assert run("--verify") == 0
-    assert "0 problem(s)" in capsys.readouterr().out
-
-
-def test_verify_names_each_kind_of_problem(run, s3, db, capsys):
-    migrated(run, s3, db, capsys, names=("a", "b", "c", "d"))
-    insert_rows(db, ["avatar/ghost.png"])  # DANGLING-ROW: no such object anywhere
-    insert_rows(db, ["image/b.png"])  # NOT-REWRITTEN: a row added after the run
-    put(s3, "avatar/c.png", OTHER, bucket=DEST)  # MISMATCH
-    before = snapshot(s3, db)
-
-    assert run("--verify") == 1
-    out = capsys.readouterr().out
-    assert snapshot(s3, db) == before
-    assert not table_exists(db, "avatars_move_journal") or len(journal(db)) == 4
-    problems = [line for line in out.splitlines() if re.match(r"[A-Z-]+: ", line)]
-    assert len(problems) == 3, out
-    assert any(re.fullmatch(r"DANGLING-ROW: 1 row\(s\) point at avatar/ghost\.png, which does "
-                            r"not exist in s3://production-s3", p) for p in problems), out
-    assert any(re.fullmatch(r"NOT-REWRITTEN: 1 row\(s\) still point at image/b\.png "
-                            r"\(copy: avatar/b\.png\)", p) for p in problems), out
-    assert any(p.startswith("MISMATCH: avatar/c.png ") and "image/c.png" in p
-               for p in problems), out
-    assert re.search(r"3 problem\(s\): DANGLING-ROW 1, MISMATCH 1, NOT-REWRITTEN 1", out), out
-
-
 # --------------------------------------------------------------------------- --report
 
 
@@ -240,135 +114,6 @@ def test_report_csv_one_line_per_object(run, s3, db, capsys, tmp_path, monkeypat
     }
     assert rows(db) == ["avatar/a.png", "avatar/a.png", "avatar/r.png", "avatar/d.png",
                         "image/x.png", "image/f.png"]
-
-
-# --------------------------------------------------------------------------- journal, --rollback
-
-
-def test_journal_has_one_entry_per_rewritten_key_with_the_run_id(run, s3, db, capsys):
-    for k in ("a", "b", "n"):
-        put(s3, f"image/{k}.png", PNG + k.encode())
-    insert_rows(db, ["image/a.png", "image/a.png", "image/b.png"])  # n has no row
-    assert run() == 0
-    rid = summary(capsys.readouterr().out)["run_id"]
-    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", rid)
-    assert journal(db) == [(rid, "image/a.png", "avatar/a.png", 2, False),
-                           (rid, "image/b.png", "avatar/b.png", 1, False)]
-    # a rerun rewrites nothing, so journals nothing
-    assert run() == 0
-    capsys.readouterr()
-    assert len(journal(db)) == 2
-
-
-def test_rollback_latest_and_a_specific_run(run, s3, db, capsys):
-    for k in ("a", "b"):
-        put(s3, f"image/{k}.png", PNG + k.encode())
-    insert_rows(db, ["image/a.png", "image/a.png", "image/b.png"])
-    assert run() == 0
-    run1 = summary(capsys.readouterr().out)["run_id"]
-    put(s3, "image/c.png", PNG + b"c")
-    insert_rows(db, ["image/c.png"])
-    assert run() == 0
-    run2 = summary(capsys.readouterr().out)["run_id"]
-    assert run1 != run2
-    assert rows(db) == ["avatar/a.png", "avatar/a.png", "avatar/b.png", "avatar/c.png"]
-    dest_before = keys(s3, DEST)
-
-    # the first run, by id: only its keys
-    assert run("--rollback", run1) == 0
-    out = capsys.readouterr().out
-    assert rows(db) == ["image/a.png", "image/a.png", "image/b.png", "avatar/c.png"]
-    assert re.search(rf"^Rollback of run {run1}: 3 row\(s\) restored for 2 key\(s\); "
-                     r"0 key\(s\) refused\.", out, re.M), out
-    assert keys(s3, DEST) == dest_before  # copies stay
-
-    # latest: the second run (the first one is rolled back already)
-    assert run("--rollback") == 0
-    out = capsys.readouterr().out
-    assert f"Rollback of run {run2}: 1 row(s) restored for 1 key(s)" in out
-    assert rows(db) == ["image/a.png", "image/a.png", "image/b.png", "image/c.png"]
-    assert all(entry[4] for entry in journal(db))
-
-    # nothing left to roll back
-    assert run("--rollback", run1) == 2
-    captured = capsys.readouterr()
-    assert run1 in captured.err and len(captured.err.strip().splitlines()) == 1
-
-
-def test_rollback_latest_picks_the_latest_run(run, s3, db, capsys):
-    put(s3, "image/a.png", PNG + b"a")
-    insert_rows(db, ["image/a.png"])
-    assert run() == 0
-    capsys.readouterr()
-    put(s3, "image/b.png", PNG + b"b")
-    insert_rows(db, ["image/b.png"])
-    assert run() == 0
-    run2 = summary(capsys.readouterr().out)["run_id"]
-    assert run("--rollback") == 0
-    assert f"Rollback of run {run2}:" in capsys.readouterr().out
-    assert rows(db) == ["avatar/a.png", "image/b.png"]
-
-
-def test_rollback_of_one_run_leaves_another_runs_rows_on_the_same_key(run, s3, db, capsys):
-    put(s3, "image/a.png")
-    insert_rows(db, ["image/a.png"])
-    assert run() == 0
-    capsys.readouterr()
-    insert_rows(db, ["image/a.png"])  # the application writes an old-style path later
-    assert run() == 0
-    run2 = summary(capsys.readouterr().out)["run_id"]
-    assert run("--rollback", run2) == 0
-    capsys.readouterr()
-    assert rows(db) == ["avatar/a.png", "image/a.png"]  # run 1's row (id 1) stays
-
-
-def test_rollback_finds_rows_the_application_touched_since(run, s3, db, capsys):
-    """A row updated after the run has a new ctid: it is found by value instead."""
-    put(s3, "image/a.png")
-    insert_rows(db, ["image/a.png", "image/a.png"])
-    assert run() == 0
-    rid = summary(capsys.readouterr().out)["run_id"]
-    with db.cursor() as cur:
-        cur.execute("UPDATE avatars SET path = path WHERE id = 2")  # moves the tuple
-    assert run("--rollback", rid) == 0
-    assert f"Rollback of run {rid}: 2 row(s) restored" in capsys.readouterr().out
-    assert rows(db) == ["image/a.png", "image/a.png"]
-
-
-def test_rollback_refused_where_the_source_is_gone(run, s3, db, capsys):
-    for k in ("a", "b"):
-        put(s3, f"image/{k}.png", PNG + k.encode())
-    insert_rows(db, ["image/a.png", "image/b.png", "image/b.png"])
-    assert run() == 0
-    rid = summary(capsys.readouterr().out)["run_id"]
-    s3.delete_object(Bucket=SOURCE, Key="image/b.png")
-
-    assert run("--rollback") == 1
-    out = capsys.readouterr().out
-    assert re.search(r"^REFUSED: avatar/b\.png stays: its source image/b\.png no longer exists",
-                     out, re.M), out
-    assert "avatar/a.png stays" not in out
-    assert rows(db) == ["image/a.png", "avatar/b.png", "avatar/b.png"]
-    assert f"Rollback of run {rid}: 1 row(s) restored for 1 key(s); 1 key(s) refused" in out
-
-
-def test_rollback_unknown_run_id_is_one_line_exit_2(run, s3, db, capsys):
-    put(s3, "image/a.png")
-    insert_rows(db, ["image/a.png"])
-    assert run() == 0
-    capsys.readouterr()
-    assert run("--rollback", "20000101T000000Z-nosuch") == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert len(err.strip().splitlines()) == 1 and "20000101T000000Z-nosuch" in err, err
-    assert err.startswith("move.py: error: ")
-    assert rows(db) == ["avatar/a.png"]
-
-
-def test_rollback_with_an_empty_journal_exit_2(run, s3, db, capsys):
-    assert run("--rollback") == 2
-    out, err = capsys.readouterr()
-    assert out == "" and len(err.strip().splitlines()) == 1 and "no run to roll back" in err
 
 
 # --------------------------------------------------------------------------- --delete-source
