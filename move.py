@@ -19,7 +19,8 @@ import psycopg2
 from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError,
                                  PartialCredentialsError)
 
-from avatarmove.copying import S3RequestError, describe_error, error_code, make_s3_client
+from avatarmove.copying import (S3RequestError, aws_session, describe_error, error_code,
+                                make_s3_client)
 from avatarmove.incurable import hint, is_incurable
 from avatarmove.pacing import Pacer
 from avatarmove.database import what_to_fix
@@ -41,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = settings_from(args)
         interrupt.install()
         pacer = Pacer(max_rate=cfg.max_rate)
-        s3 = make_s3_client(cfg.max_attempts, cfg.retry_mode, pool=cfg.workers + 8, pacer=pacer)
+        session = aws_session()  # one credential chain for the boto3 client and the CRT
+        s3 = make_s3_client(cfg.max_attempts, cfg.retry_mode, pool=cfg.workers + 8, pacer=pacer,
+                            session=session)
         if args.verify:
             return verify(s3, cfg)
         if args.rollback:
             return rollback(s3, cfg, args.rollback)
-        return run_migration(s3, cfg, args.quiet, interrupt.event, pacer)
+        return run_migration(s3, cfg, args.quiet, interrupt.event, pacer, session)
     except UsageError as exc:
         print(f"move.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

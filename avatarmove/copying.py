@@ -47,7 +47,7 @@ def aws_session(**kwargs) -> boto3.session.Session:
 
 
 def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: int = 50,
-                   pacer: Pacer | None = None):
+                   pacer: Pacer | None = None, session: boto3.session.Session | None = None):
     """The one place an S3 client is made, so tests can swap in moto.
 
     Region, credentials and endpoint (AWS_ENDPOINT_URL) come from boto3's
@@ -62,7 +62,7 @@ def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: i
         read_timeout=120,
         tcp_keepalive=True,
     )
-    client = aws_session().client("s3", config=config)
+    client = (session or aws_session()).client("s3", config=config)
     if pacer is not None:
         # Every attempt, retries included, waits for the run's token bucket; every
         # answer tells the pacer whether S3 asked to slow down.
@@ -191,19 +191,10 @@ class CrtEngine:
     """
     name = "crt"
 
-    def __init__(self, s3, max_attempts: int, connections: int, pacer: Pacer | None = None):
-        from awscrt.auth import AwsCredentials, AwsCredentialsProvider
+    def __init__(self, s3, max_attempts: int, connections: int, pacer: Pacer | None = None,
+                 session: boto3.session.Session | None = None):
         from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
         from awscrt.s3 import S3Client, S3RequestTlsMode, S3RetryConfig, S3RetryMode
-
-        # The same chain as the boto3 client; the object refreshes itself (roles, SSO).
-        credentials = aws_session().get_credentials()
-        if credentials is None:
-            raise NoCredentialsError()
-
-        def current():
-            c = credentials.get_frozen_credentials()
-            return AwsCredentials(c.access_key, c.secret_key, c.token)
 
         url = urlsplit(s3.meta.endpoint_url)
         self.pacer = pacer or Pacer()
@@ -218,7 +209,7 @@ class CrtEngine:
             bootstrap=ClientBootstrap(elg, DefaultHostResolver(elg)), region=self.region,
             tls_mode=(S3RequestTlsMode.ENABLED if url.scheme == "https"
                       else S3RequestTlsMode.DISABLED),
-            credential_provider=AwsCredentialsProvider.new_delegate(current),
+            credential_provider=crt_credentials(session or aws_session()),
             throughput_target_gbps=crt_throughput_target(connections),
             max_active_connections_override=connections,  # exact, despite float rounding
             # A high target also raises the CRT's part-buffer ceiling (to GiBs); a
@@ -329,6 +320,29 @@ class CrtEngine:
         return objs, (root.findtext(ns + "NextContinuationToken") if truncated else None)
 
 
+def crt_credentials(session: boto3.session.Session):
+    """The boto3 session's credentials (the same chain as the boto3 client) for the CRT.
+
+    Keys that never change (environment, a static profile) are handed over once:
+    a delegate costs a call into Python, under the GIL, for every request signed.
+    Credentials that refresh themselves (roles, SSO) go through the delegate.
+    """
+    from awscrt.auth import AwsCredentials, AwsCredentialsProvider
+    from botocore.credentials import RefreshableCredentials
+
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise NoCredentialsError()
+    if not isinstance(credentials, RefreshableCredentials):
+        return AwsCredentialsProvider.new_static(credentials.access_key, credentials.secret_key,
+                                                 credentials.token)
+
+    def current():
+        c = credentials.get_frozen_credentials()
+        return AwsCredentials(c.access_key, c.secret_key, c.token)
+    return AwsCredentialsProvider.new_delegate(current)
+
+
 def backoff(attempt: int) -> float:
     """Full jitter, as botocore's standard mode: up to 50 ms, 100 ms, ... 20 s."""
     return random.uniform(0, min(20.0, 0.05 * 2 ** (attempt - 1)))
@@ -340,11 +354,12 @@ def crt_throughput_target(connections: int) -> float:
     return max(10, connections) * CRT_GBPS_PER_CONNECTION
 
 
-def make_engine(s3, cfg: Settings, pacer: Pacer | None = None):
+def make_engine(s3, cfg: Settings, pacer: Pacer | None = None,
+                session: boto3.session.Session | None = None):
     """The CRT when it is installed (or asked for), boto3 otherwise."""
     if cfg.engine in ("auto", "crt"):
         try:
-            return CrtEngine(s3, cfg.max_attempts, cfg.workers, pacer)
+            return CrtEngine(s3, cfg.max_attempts, cfg.workers, pacer, session)
         except ImportError:
             if cfg.engine == "crt":
                 raise UsageError("--engine crt needs the awscrt package: "

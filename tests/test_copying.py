@@ -1,9 +1,15 @@
 """Both copy engines, end to end through real HTTP (moto's server): the CRT
 sends CopyObject and ListObjectsV2 itself, so it must get every key right."""
+import itertools
+from datetime import datetime, timedelta, UTC
+
+import boto3
+import botocore.session
 import pytest
+from botocore.credentials import CredentialProvider, CredentialResolver, RefreshableCredentials
 
 import move
-from avatarmove.copying import Boto3Engine
+from avatarmove.copying import Boto3Engine, aws_session, crt_credentials
 from avatarmove.listing import Listing, Obj
 from conftest import DEST, SOURCE, insert_rows, keys, moto_backend, rows, summary
 
@@ -137,3 +143,36 @@ def test_an_unexpected_error_in_one_copy_fails_that_object_and_the_run_ends(s3, 
     assert "image/boom.png" in err and "simulated bug" in err
     assert keys(s3, DEST) == ["avatar/a.png", "avatar/c.png"]
     assert rows(db) == ["avatar/a.png", "image/boom.png", "avatar/c.png"]
+
+
+def test_the_crt_signs_with_the_keys_of_the_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDFROMENV")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-env")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token-from-env")
+    got = crt_credentials(aws_session()).get_credentials().result(timeout=5)
+    assert (got.access_key_id, got.secret_access_key, got.session_token) == (
+        "AKIDFROMENV", "secret-from-env", "token-from-env")
+
+
+def test_the_crt_follows_credentials_that_refresh_themselves():
+    """An assumed role or SSO: each signing must use the keys current at that time."""
+    issued = (f"AKIDROTATED{n}" for n in itertools.count(1))
+
+    def refresh():
+        soon = datetime.now(UTC) + timedelta(seconds=1)  # always due for refreshing
+        return {"access_key": next(issued), "secret_key": "s", "token": "t",
+                "expiry_time": soon.isoformat()}
+
+    class Rotating(CredentialProvider):
+        METHOD = "rotating"
+
+        def load(self):
+            return RefreshableCredentials.create_from_metadata(refresh(), refresh, self.METHOD)
+
+    core = botocore.session.get_session()
+    core.register_component("credential_provider", CredentialResolver([Rotating()]))
+    provider = crt_credentials(boto3.session.Session(botocore_session=core))
+    first = provider.get_credentials().result(timeout=5).access_key_id
+    second = provider.get_credentials().result(timeout=5).access_key_id
+    assert first.startswith("AKIDROTATED") and second.startswith("AKIDROTATED")
+    assert int(second.removeprefix("AKIDROTATED")) > int(first.removeprefix("AKIDROTATED"))
