@@ -5,6 +5,7 @@ import csv
 import logging
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 from urllib.parse import unquote_plus
@@ -70,15 +71,19 @@ class Listing:
 
 
 def listed(listing: Listing, stop: threading.Event) -> Iterator[Obj]:
-    """A listing read a few pages ahead in its own thread, so listing overlaps copying."""
-    for page in prefetch(listing.pages(), 4, stop):
-        yield from page
+    """A listing read a few pages ahead in its own thread (started now), so listing
+    overlaps copying."""
+    pages = prefetch(listing.pages(), 4, stop)
+    return (o for page in pages for o in page)
 
 
 def prefetch(iterable: Iterable, depth: int, stop: threading.Event) -> Iterator:
-    """Run an iterator in a thread, `depth` items ahead.
+    """Run an iterator in a thread, `depth` items ahead, from now on.
 
-    The bound keeps memory flat however large the bucket is.
+    The thread starts here, not at the first next(): the source and destination
+    listings then ask for their first pages at the same time, one round trip
+    before the first copy instead of two. The bound keeps memory flat however
+    large the bucket is.
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     end = object()
@@ -100,21 +105,26 @@ def prefetch(iterable: Iterable, depth: int, stop: threading.Event) -> Iterator:
             q.put(exc)
 
     threading.Thread(target=pump, name="lister", daemon=True).start()
-    try:
-        while True:
-            try:
-                item = q.get(timeout=0.2)
-            except queue.Empty:
-                if stop.is_set():
+
+    def read() -> Iterator:
+        try:
+            while True:
+                try:
+                    item = q.get(timeout=0.2)
+                except queue.Empty:
+                    if stop.is_set():
+                        return
+                    continue
+                if item is end:
                     return
-                continue
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:  # also when the consumer drops this generator: the thread must not list on
-        left.set()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # also when the consumer drops this generator: the thread must not list on
+            left.set()
+    reader = read()
+    weakref.finalize(reader, left.set)  # dropped before its first next(): no finally runs
+    return reader
 
 
 def is_png(key: str) -> bool:

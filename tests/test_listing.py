@@ -6,8 +6,11 @@ order (which moto never does) its pages are reordered on the way.
 """
 from __future__ import annotations
 
+import gc
+import itertools
 import logging
 import threading
+import time
 
 import pytest
 
@@ -194,3 +197,41 @@ def test_prefetch_stops_on_the_stop_event_and_so_does_its_thread():
     lister[0].join(timeout=30)
     assert not lister[0].is_alive(), "the lister thread kept going after stop"
     assert len(pulled) <= 3 + len(rest) + 2  # no more than the bound ahead
+
+
+def test_prefetch_asks_at_once_so_two_listings_wait_one_round_trip_not_two():
+    """plan() awaits the destination's first page before it reads the source: the
+    source must already be asking by then, or the run waits two round trips."""
+    src_asked = threading.Event()
+    dest_saw_src_asking = []
+
+    def dest_pages():
+        dest_saw_src_asking.append(src_asked.wait(timeout=10))
+        yield "dest page"
+
+    def src_pages():
+        src_asked.set()
+        yield "src page"
+
+    stop = threading.Event()
+    src, dest = prefetch(src_pages(), 4, stop), prefetch(dest_pages(), 4, stop)
+    assert next(dest) == "dest page" and next(src) == "src page"
+    assert dest_saw_src_asking == [True]
+
+
+def test_a_prefetch_dropped_unread_stops_its_thread():
+    lister: list[threading.Thread] = []
+
+    def endless():
+        lister.append(threading.current_thread())
+        yield from itertools.count()
+
+    it = prefetch(endless(), 2, threading.Event())
+    deadline = time.monotonic() + 10
+    while not lister and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lister, "the lister did not start before the first next()"
+    del it
+    gc.collect()
+    lister[0].join(timeout=30)
+    assert not lister[0].is_alive(), "the lister thread kept going for a reader that is gone"
