@@ -19,10 +19,13 @@ server in simulated time.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from typing import Callable
+
+log = logging.getLogger("move")
 
 # Codes that say "slow down" rather than "this request is wrong".
 THROTTLE_CODES = {"SlowDown", "503", "RequestLimitExceeded", "Throttling", "ThrottlingException",
@@ -94,13 +97,18 @@ class Window:
         """Latency well above the least seen: the server, not the link, sets the pace."""
         return self.srtt > self.QUEUE_RISE * self.min_rtt + self.QUEUE_RISE_MIN_S
 
-    def throttled(self) -> None:
-        """S3 answered SlowDown: halve, at most once per round trip."""
+    def throttled(self, rate: float | None = None) -> None:
+        """S3 answered SlowDown: halve, at most once per round trip; but keep what
+        the pacer's new `rate` needs in flight at the current latency (Little's
+        law), or the two cuts together would send well under the rate S3 takes."""
         with self._lock:
             self.throttles += 1
             now = self.clock()
             if now - self.last_cut > (self.srtt or 0.05):
                 self._cut(0.5, now)
+                if rate is not None and self.srtt is not None:
+                    self.limit = min(max(self.limit, rate * self.srtt * 1.25), self.limit * 2)
+                    self.ssthresh = self.limit
                 self.cuts["slowdown"] += 1
 
     def _cut(self, factor: float, now: float) -> None:
@@ -136,7 +144,8 @@ class Pacer:
     it blocks while the bucket is empty.
     """
 
-    RECOVERY_PER_S = 0.10  # after a cut, the rate grows back by 10% a second
+    RECOVERY_PER_S = 0.10  # after a cut, the rate grows back by 10% a second...
+    PROBE_PER_S = 0.02     # ...and by 2% once near the rate S3 last refused
 
     def __init__(self, max_rate: float | None = None, burst: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -152,7 +161,9 @@ class Pacer:
         self._last_cut = float("-inf")
         self._last_grow = clock()
         self._ok: deque[float] = deque()  # times of accepted requests, last second
-        self.on_throttle: list[Callable[[], None]] = []  # e.g. the Window's throttled()
+        self._refused_at: float | None = None  # the rate at which S3 last said slow down
+        # e.g. the Window's throttled(), given the new rate
+        self.on_throttle: list[Callable[[float | None], None]] = []
 
     def acquire(self) -> None:
         with self._lock:
@@ -187,19 +198,28 @@ class Pacer:
                 while self._ok and self._ok[0] < now - 1.0:
                     self._ok.popleft()
                 accepted = max(1.0, float(len(self._ok)))
-                current = self.rate if self.rate is not None else accepted
-                # Never below half at once: right after a pause little was accepted.
+                was = self.rate
+                current = was if was is not None else accepted
+                # Never below 70% at once: right after a pause little was accepted.
                 self.rate = max(1.0, 0.7 * current, 0.9 * min(current, accepted))
+                self._refused_at = current
                 if self._ok:  # as if the last second's requests had been sent at the new rate
                     self._next = max(self._next, self._ok[0] + len(self._ok) / self.rate)
                 self._last_cut = self._last_grow = now
+                log.debug("SlowDown: %d accepted in the last second; rate %s -> %.0f/s",
+                          len(self._ok), f"{was:.0f}/s" if was else "unlimited",
+                          self.rate)
         for listener in self.on_throttle:
-            listener()
+            listener(self.rate)
 
     def _grow(self, now: float) -> None:
         if self.rate is None or now - self._last_grow < 0.1:
             return
-        step = self.rate * self.RECOVERY_PER_S * (now - self._last_grow)
+        # Quickly back to where S3 refused, then slowly past it: S3's limit moves
+        # slowly, and each probe over it costs a burst of refusals.
+        near = self._refused_at is not None and self.rate >= 0.95 * self._refused_at
+        step = self.rate * (self.PROBE_PER_S if near else self.RECOVERY_PER_S) * \
+            (now - self._last_grow)
         self._last_grow = now
         self.rate += max(step, 0.0)
         if self.max_rate is not None:

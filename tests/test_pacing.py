@@ -121,6 +121,17 @@ def test_slowdown_halves_the_window_and_the_run_keeps_under_the_limit():
     assert min(sizes[len(sizes) // 2:]) < max(sizes)
 
 
+@pytest.mark.parametrize("latency, rate", [(0.01, 300), (0.05, 1000), (0.05, 3500)])
+def test_a_rate_limit_is_followed_closely_at_any_latency(latency, rate):
+    """After a SlowDown the window keeps what the new rate needs in flight, and the
+    rate creeps past the one S3 refused only slowly: close to the limit, few refused."""
+    n = 17 * rate
+    server = FakeS3(latency=latency, rate=rate)
+    seconds, _, _, _ = simulate(n, 256, server)
+    assert seconds <= 1.15 * n / rate, seconds / (n / rate)
+    assert server.refused <= 0.03 * server.requests, (server.refused, server.requests)
+
+
 def test_rising_latency_shrinks_the_window():
     _, window, _, sizes = simulate(3000, 256, FakeS3(latency=0.05), slow_after=1500)
     before = sizes[1400]
