@@ -241,12 +241,13 @@ class CrtEngine:
             code = (found.group(1).decode() if found else
                     CRT_ERRORS.get(error.name) or str(status_code or error.name))
             if code in THROTTLE_CODES or status_code == 503:
-                self.pacer.throttled()
+                self.pacer.throttled(sent_at)
             elif status_code:
                 self.pacer.accepted()
             done(None, f"{code}: {message.group(1).decode() if message else error.message}", code)
 
         self.pacer.acquire()
+        sent_at = self.pacer.clock()  # was this sent at the rate of the pacer's latest cut?
         # Held until done: the request must outlive this call.
         self.pending[token] = self.client.make_request(
             type=S3RequestType.DEFAULT, operation_name=operation,

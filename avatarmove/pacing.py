@@ -12,7 +12,8 @@ Two controls, both adapting to what S3 answers:
 - Pacer: a token bucket over every request the run sends (copies, listings,
   HEADs, deletes). --max-rate caps it; a SlowDown lowers the rate for the
   whole run to what S3 accepted in the last second, instead of only retrying
-  the one request, and the rate then creeps back up.
+  the one request; a request refused although sent at that new rate cuts it
+  again by a fifth. The rate then creeps back up, slowly past where S3 said no.
 
 Both are driven by the clock passed in, so tests run them against a fake
 server in simulated time.
@@ -146,6 +147,7 @@ class Pacer:
 
     RECOVERY_PER_S = 0.10  # after a cut, the rate grows back by 10% a second...
     PROBE_PER_S = 0.02     # ...and by 2% once near the rate S3 last refused
+    AGAIN_AFTER_S = 0.25   # a request sent this long after a cut and refused: cut again
 
     def __init__(self, max_rate: float | None = None, burst: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -188,13 +190,26 @@ class Pacer:
             while self._ok and self._ok[0] < now - 1.0:
                 self._ok.popleft()
 
-    def throttled(self) -> None:
-        """SlowDown: from now on, send no faster than S3 accepted in the last second."""
+    def throttled(self, sent_at: float | None = None) -> None:
+        """SlowDown: from now on, send no faster than S3 accepted in the last second.
+
+        `sent_at`, when the caller knows it, is when the refused request left."""
         with self._lock:
             self.throttles += 1
             now = self.clock()
+            since = now - self._last_cut
+            # Refused although sent at the rate of the last cut: that rate is still
+            # too high. Right after the start it is, as S3 lets a burst through and
+            # the first second's count includes it.
+            if (sent_at is not None and sent_at >= self._last_cut + self.AGAIN_AFTER_S
+                    and self.AGAIN_AFTER_S <= since < 1.0 and self.rate is not None):
+                was = self.rate
+                self.rate = max(1.0, 0.8 * was)
+                self._refused_at = was
+                self._last_cut = self._last_grow = now
+                log.debug("SlowDown at the new rate: rate %.0f/s -> %.0f/s", was, self.rate)
             # one cut per second: the answers to one burst arrive together
-            if now - self._last_cut >= 1.0:
+            elif since >= 1.0:
                 while self._ok and self._ok[0] < now - 1.0:
                     self._ok.popleft()
                 accepted = max(1.0, float(len(self._ok)))

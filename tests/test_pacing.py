@@ -17,16 +17,26 @@ class FakeS3:
     (Little's law); with a rate limit, more than `rate` accepted requests in
     the last second get 503 SlowDown, as S3's per-prefix limit does."""
 
-    def __init__(self, latency=0.05, capacity=None, rate=None):
+    def __init__(self, latency=0.05, capacity=None, rate=None, burst=None):
         self.latency, self.capacity, self.rate = latency, capacity, rate
         self.accepted: deque[float] = deque()
         self.requests = self.refused = 0
+        # burst: a token bucket `burst` deep instead (bench/netproxy.py's model):
+        # a full second's worth passes at once at the start
+        self.burst, self.tokens, self.stamp = burst, burst, 0.0
 
     def answer(self, now: float, inflight: int) -> tuple[float, bool]:
         self.requests += 1
         while self.accepted and self.accepted[0] <= now - 1.0:
             self.accepted.popleft()
-        if self.rate is not None and len(self.accepted) >= self.rate:
+        if self.burst is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            refuse = self.tokens < 1.0
+            self.tokens -= 0.0 if refuse else 1.0
+        else:
+            refuse = self.rate is not None and len(self.accepted) >= self.rate
+        if refuse:
             self.refused += 1
             return self.latency, True
         self.accepted.append(now)
@@ -79,7 +89,7 @@ def simulate(n: int, ceiling: int, server: FakeS3, max_rate=None, slow_after=Non
         clock.now = max(clock.now, at)
         inflight -= 1
         if throttled:
-            pacer.throttled()
+            pacer.throttled(sent_at)
             seq += 1
             heapq.heappush(retries, (clock.now + backoff(attempts), seq, attempts))
         else:
@@ -166,3 +176,31 @@ def test_slowdown_lowers_the_rate_for_the_whole_run():
         pacer.acquire()
     # 180 requests now take about a second, less the burst the bucket allows
     assert clock.now - start >= (180 - 0.1 * 180) / 180 * 0.95
+
+
+def test_a_request_refused_at_the_new_rate_cuts_again_within_the_second():
+    """S3 lets a burst through at the start, so the first cut, from the last second's
+    count, is too high: a refusal of a request sent after that cut says so."""
+    clock = Clock()
+    pacer = Pacer(None, clock=clock, sleep=clock.sleep)
+    for _ in range(540):  # a full bucket of 300 and a second's refill, all accepted
+        pacer.acquire()
+        pacer.accepted()
+        clock.now += 1 / 540
+    pacer.throttled(sent_at=clock.now - 0.001)
+    first = pacer.rate
+    assert first == pytest.approx(0.9 * 540, rel=0.01)
+    clock.now += 0.3
+    pacer.throttled(sent_at=clock.now - 0.31)  # sent before the cut: no news
+    assert pacer.rate == pytest.approx(first, rel=0.05)
+    pacer.throttled(sent_at=clock.now - 0.01)  # sent at the new rate, still refused
+    assert pacer.rate == pytest.approx(0.8 * first, rel=0.05)
+
+
+def test_a_bursting_limit_at_3500_per_s_refuses_few_at_50_ms():
+    """bench/netproxy.py's and S3's model: a token bucket one second deep."""
+    n = 17 * 3500
+    server = FakeS3(latency=0.05, rate=3500, burst=3500)
+    seconds, _, _, _ = simulate(n, 256, server)
+    assert seconds <= 1.15 * n / 3500
+    assert server.refused <= 0.01 * server.requests, (server.refused, server.requests)
