@@ -486,9 +486,11 @@ def mixed_state(s3, db) -> None:
                      "image/gone0.png", "image/gone1.png", "elsewhere/y.png", None])
 
 
-def migrated(run, s3, db, capsys, names=("a", "b", "c")) -> None:
+def migrated(run, s3, db, capsys, names=("a", "b", "c"), paths=None) -> str:
+    """Objects image/<name>.png, rows at `paths` (one per name by default), one
+    successful run; returns its run id."""
     for n in names:
         put(s3, f"image/{n}.png", PNG + n.encode())
-    insert_rows(db, [f"image/{n}.png" for n in names])
+    insert_rows(db, [f"image/{n}.png" for n in names] if paths is None else paths)
     assert run() == 0
-    capsys.readouterr()
+    return summary(capsys.readouterr().out)["run_id"]

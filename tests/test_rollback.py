@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import re
 
-from conftest import DEST, PNG, SOURCE, insert_rows, journal, keys, put, rows, summary
+from conftest import (DEST, PNG, SOURCE, insert_rows, journal, keys, migrated, put, rows,
+                      summary)
 
 
 # --------------------------------------------------------------------------- journal, --rollback
 
 
 def test_journal_has_one_entry_per_rewritten_key_with_the_run_id(run, s3, db, capsys):
-    for k in ("a", "b", "n"):
-        put(s3, f"image/{k}.png", PNG + k.encode())
-    insert_rows(db, ["image/a.png", "image/a.png", "image/b.png"])  # n has no row
-    assert run() == 0
-    rid = summary(capsys.readouterr().out)["run_id"]
+    rid = migrated(run, s3, db, capsys, names=("a", "b", "n"),  # n has no row
+                   paths=["image/a.png", "image/a.png", "image/b.png"])
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", rid)
     assert journal(db) == [(rid, "image/a.png", "avatar/a.png", 2, False),
                            (rid, "image/b.png", "avatar/b.png", 1, False)]
@@ -26,11 +24,8 @@ def test_journal_has_one_entry_per_rewritten_key_with_the_run_id(run, s3, db, ca
 
 
 def test_rollback_latest_and_a_specific_run(run, s3, db, capsys):
-    for k in ("a", "b"):
-        put(s3, f"image/{k}.png", PNG + k.encode())
-    insert_rows(db, ["image/a.png", "image/a.png", "image/b.png"])
-    assert run() == 0
-    run1 = summary(capsys.readouterr().out)["run_id"]
+    run1 = migrated(run, s3, db, capsys, names=("a", "b"),
+                    paths=["image/a.png", "image/a.png", "image/b.png"])
     put(s3, "image/c.png", PNG + b"c")
     insert_rows(db, ["image/c.png"])
     assert run() == 0
@@ -101,11 +96,8 @@ def test_rollback_finds_rows_the_application_touched_since(run, s3, db, capsys):
 
 
 def test_rollback_refused_where_the_source_is_gone(run, s3, db, capsys):
-    for k in ("a", "b"):
-        put(s3, f"image/{k}.png", PNG + k.encode())
-    insert_rows(db, ["image/a.png", "image/b.png", "image/b.png"])
-    assert run() == 0
-    rid = summary(capsys.readouterr().out)["run_id"]
+    rid = migrated(run, s3, db, capsys, names=("a", "b"),
+                   paths=["image/a.png", "image/b.png", "image/b.png"])
     s3.delete_object(Bucket=SOURCE, Key="image/b.png")
 
     assert run("--rollback") == 1
