@@ -347,9 +347,19 @@ class Database:
         return self.retry(run)
 
     def _rewrite(self, cur, pairs: list[tuple[str, str]], by_tid: bool) -> dict[str, int]:
+        cur.execute(*self.rewrite_statement(pairs, by_tid))
+        return dict(cur.fetchall())
+
+    def rewrite_statement(self, pairs: list[tuple[str, str]],
+                          by_tid: bool) -> tuple[sql.Composed, dict]:
+        """The UPDATE of one batch and its journal entries, with its parameters."""
         if by_tid:
+            # MATERIALIZED keeps the batch's keys joined to the snapshot first. Inlined,
+            # t.path = s.old = p.path let the planner join the whole table to the whole
+            # snapshot, misjudge that as one row, and compare it with every key of the
+            # batch: 2.5 million comparisons, 0.7 s, per batch of 500 on a bloated table.
             update = sql.SQL("""
-                s AS (SELECT p.tid, v.old, v.new FROM pg_temp.move_pending p
+                s AS MATERIALIZED (SELECT p.tid, v.old, v.new FROM pg_temp.move_pending p
                       JOIN v ON p.path = v.old),
                 u AS (UPDATE {table} t SET {col} = s.new FROM s
                       WHERE t.ctid = s.tid AND t.{col} = s.old
@@ -358,15 +368,14 @@ class Database:
             update = sql.SQL("""
                 u AS (UPDATE {table} t SET {col} = v.new FROM v WHERE t.{col} = v.old
                       RETURNING v.old, v.new, t.ctid AS tid)""")
-        cur.execute(sql.SQL("WITH v(old, new) AS "
-                            "(SELECT * FROM unnest(%(olds)s::text[], %(news)s::text[])), ")
-                    + update.format(table=self.table, col=self.col) + sql.SQL("""
+        return (sql.SQL("WITH v(old, new) AS "
+                        "(SELECT * FROM unnest(%(olds)s::text[], %(news)s::text[])), ")
+                + update.format(table=self.table, col=self.col) + sql.SQL("""
                 INSERT INTO {journal} (run_id, old_path, new_path, rows, tids)
                 SELECT %(run)s, old, new, count(*), array_agg(tid) FROM u GROUP BY old, new
                 RETURNING old_path, rows""").format(journal=self.journal),
-                    {"olds": [o for o, _ in pairs], "news": [n for _, n in pairs],
-                     "run": self.run_id})
-        return dict(cur.fetchall())
+                {"olds": [o for o, _ in pairs], "news": [n for _, n in pairs],
+                 "run": self.run_id})
 
     def table_counts(self) -> tuple[int, int]:
         """(rows still under the source prefix, rows under neither prefix): one scan."""
