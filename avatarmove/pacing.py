@@ -5,10 +5,11 @@ Two controls, both adapting to what S3 answers:
 - Window: the number of copies in flight, additive increase and
   multiplicative decrease as TCP does. It starts small and doubles per round
   trip (slow start) while throughput keeps growing, then grows by one per
-  round trip, but only while latency stays under twice the least seen (past
-  that, more in flight would only queue in the server). A 503 SlowDown halves
-  it; a sharp rise in latency (the server slowing down) cuts it by a fifth.
-  --workers is its ceiling.
+  round trip. A 503 SlowDown halves it; a sharp rise in latency (the server
+  slowing down) cuts it by a fifth. Latency that is merely high does not hold
+  it: S3's latency varies from request to request, and a server kept busy
+  (SeaweedFS here) spends less CPU per copy with more in flight. --workers is
+  its ceiling.
 - Pacer: a token bucket over every request the run sends (copies, listings,
   HEADs, deletes). --max-rate caps it; a SlowDown lowers the rate for the
   whole run to what S3 accepted in the last second, instead of only retrying
@@ -41,8 +42,6 @@ class Window:
     LATENCY_RISE = 2.0           # short-term latency over long-term that means "slowing down"
     LATENCY_RISE_MIN_S = 0.010   # ...and by at least this much: loopback queueing is not S3
     MIN_ROUND_S = 0.050          # slow start doubles at most this often
-    QUEUE_RISE = 2.0             # grow only while latency stays under twice the least seen
-    QUEUE_RISE_MIN_S = 0.005     # ...plus this much
 
     def __init__(self, ceiling: int, start: int = 16, floor: int = 2,
                  clock: Callable[[], float] = time.monotonic):
@@ -51,7 +50,6 @@ class Window:
         self.limit = float(max(self.floor, min(start, self.ceiling)))
         self.ssthresh = float(self.ceiling)
         self.clock = clock
-        self.min_rtt = float("inf")     # the round trip with no queue in front of it
         self.srtt: float | None = None  # short-term smoothed latency
         self.lrtt: float | None = None  # long-term smoothed latency
         self.last_cut = float("-inf")
@@ -79,8 +77,6 @@ class Window:
                     and now - self.last_cut > self.srtt):
                 self._cut(0.8, now)
                 self.cuts["latency"] += 1
-            elif self._queueing():
-                pass  # more in flight would only wait in the server's queue: hold
             elif self.limit < self.ssthresh:
                 # Slow start: double per round trip, but no faster than per MIN_ROUND_S,
                 # so a fast loopback does not reach the ceiling before the first answer
@@ -93,10 +89,6 @@ class Window:
                 self.limit += 1.0 / self.limit
             self.limit = min(self.limit, float(self.ceiling))
             self.peak = max(self.peak, self.size)
-
-    def _queueing(self) -> bool:
-        """Latency well above the least seen: the server, not the link, sets the pace."""
-        return self.srtt > self.QUEUE_RISE * self.min_rtt + self.QUEUE_RISE_MIN_S
 
     def throttled(self, rate: float | None = None) -> None:
         """S3 answered SlowDown: halve, at most once per round trip; but keep what
@@ -118,7 +110,6 @@ class Window:
         self.last_cut = now
 
     def _observe(self, latency: float) -> None:
-        self.min_rtt = min(self.min_rtt, latency)
         if self.srtt is None:
             self.srtt = self.lrtt = latency
             return
