@@ -46,7 +46,7 @@ def what_to_fix(exc: psycopg2.Error) -> str | None:
 
 
 class Database:
-    """Used from one thread only. A dropped connection (restart, network) is
+    """Used by one thread at a time. A dropped connection (restart, network) is
     reopened and the batch retried: every statement here is idempotent."""
 
     def __init__(self, cfg: Settings, run_id: str, readonly: bool = False,

@@ -7,12 +7,16 @@ the rows, the exit code and the summary.
 from __future__ import annotations
 
 import csv
+import threading
+import time
 
 import pytest
 from psycopg2 import sql
 
 import move
 from avatarmove.database import Database
+from avatarmove.run import together
+from avatarmove.settings import UsageError
 from conftest import (DEST, PNG, SOURCE, body, insert_rows, keys, listing, moto_backend, put,
                       rows, summary)
 
@@ -733,3 +737,22 @@ def test_listing_failing_for_now_still_says_rerun(run, s3, db, capsys, answer):
     err = capsys.readouterr().err
     assert "InternalError" in err and "rerun to resume" in err, err
     assert rows(db) == ["image/a.png"]
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def test_setup_checks_run_at_once_and_the_first_in_order_is_reported():
+    """The bucket and database checks wait on round trips, so they run together;
+    the message must not depend on which answer came back first."""
+    all_started = threading.Barrier(3, timeout=5)  # checked one after another: broken
+
+    def check(name: str, fails: bool, delay: float) -> None:
+        all_started.wait()
+        time.sleep(delay)
+        if fails:
+            raise UsageError(f"{name} is wrong")
+    with pytest.raises(UsageError, match="^destination bucket is wrong$"):
+        together([lambda: check("source bucket", False, 0.0),
+                  lambda: check("destination bucket", True, 0.2),
+                  lambda: check("database", True, 0.0)])

@@ -73,6 +73,10 @@ BAD = {
                             "destination bucket 'no-such-prod' does not exist"),
     "dest-bucket-missing-env": ([], {"S3_DEST_BUCKET_NAME": "no-such-prod"}, {},
                                 "destination bucket 'no-such-prod' does not exist"),
+    # checked at the same time, reported in this order whichever answers first
+    "source-bucket-and-table-missing": (["--source-bucket", "no-such-legacy", "--table",
+                                         "nosuch"], {}, {},
+                                        "source bucket 'no-such-legacy' does not exist"),
     "dest-bucket-empty": (["--dest-bucket", " "], {}, {}, "--dest-bucket must not be empty"),
     "shard-5/4": (["--shard", "5/4"], {}, {}, "--shard '5/4'"),
     "shard-4/4": (["--shard", "4/4"], {}, {}, "--shard '4/4'"),
