@@ -94,23 +94,13 @@ class Migration:
         self.db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
         self.writes: deque[Future] = deque()
 
-    def items(self) -> Iterator[Item]:
-        cfg = self.cfg
-        if cfg.manifest:
-            sources: Iterable[Obj] = read_manifest(cfg.manifest, cfg.source_bucket,
-                                                   cfg.source_prefix)
-            return plan(sources, None, cfg)
-        src = Listing(self.engine, cfg.source_bucket, cfg.source_prefix)
-        dest = Listing(self.engine, cfg.dest_bucket, cfg.dest_prefix)
-        return plan(listed(src, self.stop), listed(dest, self.stop), cfg, src, dest)
-
-    def run(self) -> None:
+    def run(self, items: Iterable[Item]) -> None:
         # The row plan (a scan into a snapshot, or an index build) is the database
         # thread's first job: the first copies go out meanwhile, and no batch of rows
         # is written before it is ready. On a large table the scan takes seconds.
         self.writes.append(self.db_thread.submit(self.prepare_rows))
         try:
-            for item in self.items():
+            for item in items:
                 self.stats.listed += 1
                 item.seq = self.stats.listed
                 if item.kind in UNCOPYABLE:  # found by planning: no request, rows left alone
@@ -337,6 +327,17 @@ class Migration:
             self.stats.deleted += len(chunk) - len(errors)
 
 
+def work(engine, cfg: Settings, stop: threading.Event) -> Iterator[Item]:
+    """The plan, item by item: the manifest's keys, or both listings merged. The
+    listings' threads start now (see prefetch)."""
+    if cfg.manifest:
+        sources: Iterable[Obj] = read_manifest(cfg.manifest, cfg.source_bucket, cfg.source_prefix)
+        return plan(sources, None, cfg)
+    src = Listing(engine, cfg.source_bucket, cfg.source_prefix)
+    dest = Listing(engine, cfg.dest_bucket, cfg.dest_prefix)
+    return plan(listed(src, stop), listed(dest, stop), cfg, src, dest)
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
@@ -345,12 +346,17 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event, pacer: 
                   session=None) -> int:
     run_id = new_run_id()
     db = Database(cfg, run_id, readonly=cfg.dry_run, stop=stop)
+    engine = make_engine(s3, cfg, pacer, session)
+    # Listing only reads: its first pages (and the engine's first connections) come
+    # while the checks below run, instead of after them. Should another run end in
+    # the moment before this one takes the lock, its last copies are missing from
+    # this destination listing and are copied again, with the same content.
+    items = work(engine, cfg, stop)
     preflight(s3, db, cfg)
     if not cfg.dry_run:  # a dry run only reads, and may run beside a real run
         db.check_writable()
         take_lock(db)
         ensure_journal(db)
-    engine = make_engine(s3, cfg, pacer, session)
     log.info("%s %s: s3://%s/%s -> s3://%s/%s, %d workers, %s engine%s",
              "dry run" if cfg.dry_run else "run", run_id,
              cfg.source_bucket, cfg.source_prefix, cfg.dest_bucket, cfg.dest_prefix, cfg.workers,
@@ -373,7 +379,7 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event, pacer: 
         thresholds = gc.get_threshold()
         gc.set_threshold(20_000, *thresholds[1:])
         try:
-            migration.run()
+            migration.run(items)
         finally:
             gc.set_threshold(*thresholds)
         stats.window_peak = migration.window.peak
