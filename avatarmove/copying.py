@@ -215,6 +215,9 @@ class CrtEngine:
         self.headers_type, self.request_type = HttpHeaders, HttpRequest
         self.default_type = S3RequestType.DEFAULT
 
+        # First, before any native object exists: one dropped while NoCredentialsError
+        # unwinds runs awscrt's shutdown callback with the exception set (SystemError).
+        credentials = crt_credentials(session or aws_session())
         url = urlsplit(s3.meta.endpoint_url)
         self.pacer = pacer or Pacer()
         self.max_attempts = max_attempts
@@ -228,7 +231,7 @@ class CrtEngine:
             bootstrap=ClientBootstrap(elg, DefaultHostResolver(elg)), region=self.region,
             tls_mode=(S3RequestTlsMode.ENABLED if url.scheme == "https"
                       else S3RequestTlsMode.DISABLED),
-            credential_provider=crt_credentials(session or aws_session()),
+            credential_provider=credentials,
             throughput_target_gbps=crt_throughput_target(connections),
             max_active_connections_override=connections,  # exact, despite float rounding
             # A high target also raises the CRT's part-buffer ceiling (to GiBs); a
