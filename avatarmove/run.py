@@ -450,26 +450,13 @@ def preflight(s3, db: Database | None, cfg: Settings) -> None:
 
 
 def together(calls: list) -> None:
-    """Run the calls at once, the first on this thread; wait for all of them, then
-    re-raise the first failure in the order given (so the message does not
-    depend on which answer came back first)."""
-    errors: list[BaseException | None] = [None] * len(calls)
-
-    def call(i: int) -> None:
-        try:
-            calls[i]()
-        except BaseException as exc:  # re-raised below, on the caller's thread
-            errors[i] = exc
-    threads = [threading.Thread(target=call, args=(i,), name="preflight", daemon=True)
-               for i in range(1, len(calls))]
-    for t in threads:
-        t.start()
-    call(0)
-    for t in threads:
-        t.join()
-    for exc in errors:
-        if exc is not None:
-            raise exc
+    """Run the calls at once; once all have ended, re-raise the first failure in
+    the order given (so the message does not depend on which answer came back
+    first)."""
+    with ThreadPoolExecutor(len(calls), thread_name_prefix="preflight") as pool:
+        futures = [pool.submit(call) for call in calls]
+    for future in futures:
+        future.result()
 
 
 def check_bucket(s3, role: str, bucket: str) -> None:
