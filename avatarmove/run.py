@@ -261,6 +261,8 @@ class Migration:
         self.writes.append(self.db_thread.submit(self.write_rows, work))
 
     def prepare_rows(self) -> tuple[list[Item], dict, dict]:
+        """The database thread's first job, queued with the batches so that its error
+        is re-raised where theirs are; it reports as an empty batch."""
         self.db.prepare(create_index=self.cfg.create_index and not self.cfg.dry_run)
         return [], {}, {}
 
