@@ -14,7 +14,8 @@ Two controls, both adapting to what S3 answers:
   HEADs, deletes). --max-rate caps it; a SlowDown lowers the rate for the
   whole run to what S3 accepted in the last second, instead of only retrying
   the one request; a request refused although sent at that new rate cuts it
-  again by a fifth. The rate then creeps back up, slowly past where S3 said no.
+  again by a fifth. The rate then grows back, slowly past where S3 said no,
+  faster the longer nothing more is refused.
 
 Both are driven by the clock passed in, so tests run them against a fake
 server in simulated time.
@@ -137,7 +138,9 @@ class Pacer:
     """
 
     RECOVERY_PER_S = 0.10  # after a cut, the rate grows back by 10% a second...
-    PROBE_PER_S = 0.02     # ...and by 2% once near the rate S3 last refused
+    PROBE_PER_S = 0.02     # ...and by 2% once near the rate S3 last refused,
+    PROBE_DOUBLING_S = 1.0  # a step that doubles every second nothing is refused,
+    PROBE_MAX_PER_S = 0.10  # up to 10% a second
     AGAIN_AFTER_S = 0.25   # a request sent this long after a cut and refused: cut again
 
     def __init__(self, max_rate: float | None = None, burst: float | None = None,
@@ -155,6 +158,7 @@ class Pacer:
         self._last_grow = clock()
         self._ok: deque[float] = deque()  # times of accepted requests, last second
         self._refused_at: float | None = None  # the rate at which S3 last said slow down
+        self._probing_since: float | None = None
         # e.g. the Window's throttled(), given the new rate
         self.on_throttle: list[Callable[[float | None], None]] = []
 
@@ -198,6 +202,7 @@ class Pacer:
                 self.rate = max(1.0, 0.8 * was)
                 self._refused_at = was
                 self._last_cut = self._last_grow = now
+                self._probing_since = None
                 log.debug("SlowDown at the new rate: rate %.0f/s -> %.0f/s", was, self.rate)
             # one cut per second: the answers to one burst arrive together
             elif since >= 1.0:
@@ -212,6 +217,7 @@ class Pacer:
                 if self._ok:  # as if the last second's requests had been sent at the new rate
                     self._next = max(self._next, self._ok[0] + len(self._ok) / self.rate)
                 self._last_cut = self._last_grow = now
+                self._probing_since = None
                 log.debug("SlowDown: %d accepted in the last second; rate %s -> %.0f/s",
                           len(self._ok), f"{was:.0f}/s" if was else "unlimited",
                           self.rate)
@@ -221,12 +227,20 @@ class Pacer:
     def _grow(self, now: float) -> None:
         if self.rate is None or now - self._last_grow < 0.1:
             return
-        # Quickly back to where S3 refused, then slowly past it: S3's limit moves
-        # slowly, and each probe over it costs a burst of refusals.
+        # Quickly back to where S3 refused, then slowly past it, as a burst of
+        # refusals is the price of each probe over the limit. But S3 raises a
+        # prefix's limit under sustained load, and a first cut made while the
+        # window was still growing comes in low: the longer nothing is refused,
+        # the less that old limit says, so the probe's step doubles every second.
         near = self._refused_at is not None and self.rate >= 0.95 * self._refused_at
-        step = self.rate * (self.PROBE_PER_S if near else self.RECOVERY_PER_S) * \
-            (now - self._last_grow)
+        if not near:
+            per_s = self.RECOVERY_PER_S
+        else:
+            if self._probing_since is None:
+                self._probing_since = now
+            per_s = min(self.PROBE_MAX_PER_S, self.PROBE_PER_S * 2 ** (
+                (now - self._probing_since) / self.PROBE_DOUBLING_S))
+        self.rate += max(self.rate * per_s * (now - self._last_grow), 0.0)
         self._last_grow = now
-        self.rate += max(step, 0.0)
         if self.max_rate is not None:
             self.rate = min(self.rate, self.max_rate)

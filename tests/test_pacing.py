@@ -204,3 +204,44 @@ def test_a_bursting_limit_at_3500_per_s_refuses_few_at_50_ms():
     seconds, _, _, _ = simulate(n, 256, server)
     assert seconds <= 1.15 * n / 3500
     assert server.refused <= 0.01 * server.requests, (server.refused, server.requests)
+
+
+class RisingS3(FakeS3):
+    """S3 raises a prefix's limit under sustained load: `low` requests/s until
+    `at` seconds, `rate` after."""
+
+    def __init__(self, low, at, **kw):
+        super().__init__(**kw)
+        self.low, self.at, self.high = low, at, self.rate
+
+    def answer(self, now: float, inflight: int) -> tuple[float, bool]:
+        self.rate = self.low if now < self.at else self.high
+        return super().answer(now, inflight)
+
+
+def test_a_limit_that_rises_is_found_within_seconds():
+    """Past the rate S3 last refused, the probe's step doubles every second
+    nothing is refused: a 2% a second creep took 1.69x the ideal time here."""
+    server = RisingS3(150, 3.0, latency=0.01, rate=300)
+    n = 17 * 300
+    ideal = 3.0 + (n - 3.0 * 150) / 300
+    seconds, _, pacer, _ = simulate(n, 256, server)
+    assert seconds <= 1.4 * ideal, seconds / ideal
+    assert server.refused <= 0.03 * server.requests, (server.refused, server.requests)
+    assert pacer.rate >= 0.85 * 300
+
+
+def test_the_rate_grows_past_a_stale_refusal_when_nothing_more_is_refused():
+    clock = Clock()
+    pacer = Pacer(None, clock=clock, sleep=clock.sleep)
+    for _ in range(200):
+        pacer.acquire()
+        pacer.accepted()
+        clock.now += 0.005
+    pacer.throttled()
+    cut = pacer.rate
+    start = clock.now
+    while clock.now - start < 8.0:  # eight seconds of requests, all accepted
+        pacer.acquire()
+        pacer.accepted()
+    assert pacer.rate >= 1.5 * 200, (cut, pacer.rate)
