@@ -240,7 +240,7 @@ class Pacer:
                 self._probing_since = now
             per_s = min(self.PROBE_MAX_PER_S, self.PROBE_PER_S * 2 ** (
                 (now - self._probing_since) / self.PROBE_DOUBLING_S))
-        self.rate += max(self.rate * per_s * (now - self._last_grow), 0.0)
+        self.rate += self.rate * per_s * (now - self._last_grow)
         self._last_grow = now
         if self.max_rate is not None:
             self.rate = min(self.rate, self.max_rate)
