@@ -22,7 +22,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError,
 from avatarmove.copying import (S3RequestError, aws_session, describe_error, error_code,
                                 make_s3_client)
 from avatarmove.incurable import hint, is_incurable
-from avatarmove.pacing import Pacer
+from avatarmove.pacing import Pacer, RequestPath
 from avatarmove.database import what_to_fix
 from avatarmove.lock import LockLost
 from avatarmove.rollback import rollback
@@ -41,15 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args.quiet, args.log_file)
         cfg = settings_from(args)
         interrupt.install()
-        pacer = Pacer(max_rate=cfg.max_rate)
+        path = RequestPath(Pacer(max_rate=cfg.max_rate), cfg.max_attempts)
         session = aws_session()  # one credential chain for the boto3 client and the CRT
-        s3 = make_s3_client(cfg.max_attempts, cfg.retry_mode, pool=cfg.workers + 8, pacer=pacer,
-                            session=session)
+        # One attempt per call: the request path retries, paces and observes every one.
+        s3 = path.client(make_s3_client(1, cfg.retry_mode, pool=cfg.workers + 8,
+                                        session=session))
         if args.verify:
             return verify(s3, cfg)
         if args.rollback:
             return rollback(s3, cfg, args.rollback)
-        return run_migration(s3, cfg, args.quiet, interrupt.event, pacer, session)
+        return run_migration(s3, cfg, args.quiet, interrupt.event, session)
     except UsageError as exc:
         print(f"move.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,19 +1,21 @@
-"""Copying: the S3 client, and two engines behind one interface.
+"""Copying: the S3 client, and two engines behind one interface (Engine).
 
-An engine has copy() (blocking), list_page(), and, when it can send a copy
-without a thread waiting on it, start(). The CRT engine is the hot path; the
-boto3 engine is the fallback and what in-process tests run (moto patches
-botocore, which the CRT bypasses). HEAD, multipart, delete and bucket checks
-stay on boto3 in both cases.
+An engine sends ONE attempt of a request, nothing more: no token, no retry, no
+bookkeeping. pacing.RequestPath wraps every attempt of either engine, and every
+boto3 call (PacedClient), with the token, the time it left, the observation of
+the answer and the retry policy. The CRT engine is the hot path; the boto3
+engine is the fallback and what in-process tests run (moto patches botocore,
+which the CRT bypasses). HEAD, multipart, delete and bucket checks stay on
+boto3 in both cases.
 """
 from __future__ import annotations
 
 import logging
 import queue
-import random
 import re
-import time
-from typing import Callable
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 from urllib.parse import quote, unquote_plus, urlsplit
 
 import boto3
@@ -23,12 +25,16 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from .listing import Obj
-from .pacing import THROTTLE_CODES, Pacer
+from .pacing import (SERVER_ERRORS, THROTTLE_CODES, PacedClient, RequestPath,  # noqa: F401
+                     S3RequestError, backoff, describe, retryable)
 from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, Item, archived,
                        needs_restore, same_content)
 from .settings import Settings, UsageError
 
 log = logging.getLogger("move")
+
+#: reply(value, failure): an engine's answer to one attempt; failure None means success.
+Reply = Callable[[Any, "BaseException | None"], None]
 
 
 _LOADERS: dict = {}
@@ -47,12 +53,13 @@ def aws_session(**kwargs) -> boto3.session.Session:
 
 
 def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: int = 50,
-                   pacer: Pacer | None = None, session: boto3.session.Session | None = None):
+                   session: boto3.session.Session | None = None):
     """The one place an S3 client is made, so tests can swap in moto.
 
     Region, credentials and endpoint (AWS_ENDPOINT_URL) come from boto3's
-    standard chain. Retries use botocore's standard/adaptive modes, which back
-    off on throttling (503 SlowDown), 5xx and dropped connections.
+    standard chain. The run makes its client with max_attempts=1 and wraps it
+    in a PacedClient, whose RequestPath retries; others (test fixtures, tools)
+    keep botocore's standard retries.
     """
     config = Config(
         # botocore's "max_attempts" counts retries; "total_max_attempts" counts attempts
@@ -62,33 +69,7 @@ def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: i
         read_timeout=120,
         tcp_keepalive=True,
     )
-    client = (session or aws_session()).client("s3", config=config)
-    if pacer is not None:
-        # Every attempt, retries included, waits for the run's token bucket; every
-        # answer tells the pacer whether S3 asked to slow down.
-        client.meta.events.register("before-send.s3", lambda **_: pacer.acquire())
-        client.meta.events.register("needs-retry.s3", lambda **kw: observe_answer(pacer, **kw))
-    return client
-
-
-def observe_answer(pacer: Pacer, response=None, **_) -> None:
-    """botocore's needs-retry event, once per attempt: returns None so the retry
-    handler still decides."""
-    if response is None:
-        return None  # no answer (connection error): says nothing about throttling
-    http, parsed = response
-    code = (parsed or {}).get("Error", {}).get("Code", "")
-    if code in THROTTLE_CODES or http.status_code == 503:
-        pacer.throttled()
-    else:
-        pacer.accepted()
-    return None
-
-
-def retryable(code: str) -> bool:
-    """Worth another attempt: throttling, a server error, or no answer at all."""
-    return (code in THROTTLE_CODES or code in SERVER_ERRORS or code.startswith("AWS_")
-            or (code.isdigit() and int(code) >= 500))
+    return (session or aws_session()).client("s3", config=config)
 
 
 # aws-c-s3 sizes its connection pool once, from the throughput target:
@@ -100,10 +81,6 @@ CRT_GBPS_PER_CONNECTION = 100.0 / 250
 # The CRT answers these without the response's status or body.
 CRT_ERRORS = {"AWS_ERROR_S3_SLOW_DOWN": "SlowDown", "AWS_ERROR_S3_INTERNAL_ERROR": "InternalError",
               "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED": "RequestTimeTooSkewed"}
-
-SERVER_ERRORS = {"InternalError", "RequestTimeout", "500", "502", "504", "BadGateway",
-                 "GatewayTimeout", "RequestTimeTooSkewed", "OperationAborted"}
-
 
 # Read from answers on the CRT's thread, once per copy: compiled once.
 CODE = re.compile(rb"<Code>([^<]*)</Code>")
@@ -118,19 +95,8 @@ def quote_key(key: str) -> str:
     return key if PLAIN_KEY.fullmatch(key) else quote(key, safe="/~")
 
 
-class S3RequestError(Exception):
-    """A request sent through the CRT that failed after its retries."""
-
-    def __init__(self, message: str, code: str = ""):
-        super().__init__(message)
-        self.code = code
-
-
 def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        return f"{err.get('Code', 'Error')}: {err.get('Message', '')}".strip(": ")
-    return f"{type(exc).__name__}: {exc}"
+    return describe(exc)
 
 
 def error_code(exc: BaseException) -> str:
@@ -165,16 +131,78 @@ def restored(status: dict | None) -> bool:
 # ---------------------------------------------------------------- engines
 
 
-class Boto3Engine:
+class Engine(ABC):
+    """One attempt of a request, nothing more: the RequestPath around it takes the
+    token, stamps when it left, tells the pacer what came back and retries."""
+    name: str
+
+    @abstractmethod
+    def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
+              reply: Reply) -> None:
+        """Send one CopyObject without blocking; reply(etag, failure) once, from any thread."""
+
+    @abstractmethod
+    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> str | None:
+        """One CopyObject, blocking: the copy's ETag, or its error raised."""
+
+    @abstractmethod
+    def list_page(self, bucket: str, prefix: str, token: str | None,
+                  max_keys: int) -> tuple[list[Obj], str | None]:
+        """One ListObjectsV2 page, blocking: its objects and the next page's token."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Copies not sent yet are dropped (the run has ended or was interrupted)."""
+
+
+class Paced:
+    """What Listing reads: an engine's pages through the request path."""
+
+    def __init__(self, engine: Engine, path: RequestPath):
+        self.engine, self.path = engine, path
+
+    def list_page(self, bucket: str, prefix: str, token: str | None,
+                  max_keys: int) -> tuple[list[Obj], str | None]:
+        return self.path.call(lambda: self.engine.list_page(bucket, prefix, token, max_keys))
+
+
+class Boto3Engine(Engine):
+    """Through a boto3 client, one call per attempt: the run gives it the one-attempt
+    client (the RequestPath retries); verify gives it a PacedClient."""
     name = "boto3"
 
-    def __init__(self, s3):
-        self.s3 = s3
+    def __init__(self, s3, threads: int = 16):
+        self.s3, self.threads = s3, threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
+              reply: Reply) -> None:
+        # botocore blocks: a thread waits for each copy in flight
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="copy")
+        self._pool.submit(self._answer, src_bucket, src_key, dst_bucket, dst_key, reply)
+
+    def _answer(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
+                reply: Reply) -> None:
+        try:
+            etag = self.copy(src_bucket, src_key, dst_bucket, dst_key)
+        except Exception as exc:  # a bug fails this copy, never the coordinator's wait
+            if not isinstance(exc, (ClientError, BotoCoreError, OSError)):
+                log.debug("unexpected error copying %s", src_key, exc_info=True)
+                exc = S3RequestError(f"unexpected {type(exc).__name__}: {exc}",
+                                     type(exc).__name__)
+            reply(None, exc)
+        else:
+            reply(etag, None)
 
     def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> str | None:
         resp = self.s3.copy_object(CopySource={"Bucket": src_bucket, "Key": src_key},
                                    Bucket=dst_bucket, Key=dst_key)
         return (resp.get("CopyObjectResult", {}).get("ETag") or "").strip('"') or None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def list_page(self, bucket: str, prefix: str, token: str | None,
                   max_keys: int) -> tuple[list[Obj], str | None]:
@@ -190,7 +218,7 @@ class Boto3Engine:
         return objs, page.get("NextContinuationToken") if page.get("IsTruncated") else None
 
 
-class CrtEngine:
+class CrtEngine(Engine):
     """CopyObject and ListObjectsV2 through the AWS Common Runtime.
 
     botocore spends about 2 ms of CPU building and signing each request; the
@@ -199,13 +227,11 @@ class CrtEngine:
     CopyObject can fail with status 200.
 
     The CRT's own retries are off: a retry it made would hide the SlowDown
-    that should slow the whole run down. Copies are retried by the run's
-    coordinator (Migration), listings here.
+    that should slow the whole run down, and the RequestPath retries.
     """
     name = "crt"
 
-    def __init__(self, s3, max_attempts: int, connections: int, pacer: Pacer | None = None,
-                 session: boto3.session.Session | None = None):
+    def __init__(self, s3, connections: int, session: boto3.session.Session | None = None):
         from awscrt.http import HttpHeaders, HttpRequest
         from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
         from awscrt.s3 import (S3Client, S3RequestTlsMode, S3RequestType, S3RetryConfig,
@@ -219,8 +245,6 @@ class CrtEngine:
         # unwinds runs awscrt's shutdown callback with the exception set (SystemError).
         credentials = crt_credentials(session or aws_session())
         url = urlsplit(s3.meta.endpoint_url)
-        self.pacer = pacer or Pacer()
-        self.max_attempts = max_attempts
         self.region = s3.meta.region_name or "us-east-1"
         # Custom endpoints (MinIO, SeaweedFS, moto) take path-style requests.
         self.virtual_hosted = url.hostname.endswith("amazonaws.com")
@@ -240,8 +264,8 @@ class CrtEngine:
             retry_config=S3RetryConfig(retry_mode=S3RetryMode.NONE))
 
     def _send(self, method: str, bucket: str, key_path: str, query: str, headers: list,
-              operation: str, done: Callable[[bytes | None, str | None, str], None]) -> None:
-        """One signed request; done(body, error, code) runs on a CRT thread."""
+              operation: str, reply: Reply) -> None:
+        """One signed request; reply(body, failure) runs on a CRT thread."""
         if self.virtual_hosted and "." not in bucket:
             host, path = f"{bucket}.{self.netloc}", "/" + key_path
         else:
@@ -252,21 +276,15 @@ class CrtEngine:
         def on_done(error=None, error_body=None, status_code=None, **_):
             self.pending.pop(token, None)
             if error is None:
-                self.pacer.accepted()
-                done(b"".join(body), None, "")
+                reply(b"".join(body), None)
                 return
             found = CODE.search(error_body or b"")
             message = MESSAGE.search(error_body or b"")
             code = (found.group(1).decode() if found else
                     CRT_ERRORS.get(error.name) or str(status_code or error.name))
-            if code in THROTTLE_CODES or status_code == 503:
-                self.pacer.throttled(sent_at)
-            elif status_code:
-                self.pacer.accepted()
-            done(None, f"{code}: {message.group(1).decode() if message else error.message}", code)
+            text = message.group(1).decode() if message else error.message
+            reply(None, S3RequestError(f"{code}: {text}", code, status_code or None))
 
-        self.pacer.acquire()
-        sent_at = self.pacer.clock()  # was this sent at the rate of the pacer's latest cut?
         # Held until done: the request must outlive this call.
         self.pending[token] = self.client.make_request(
             type=self.default_type, operation_name=operation,
@@ -274,37 +292,36 @@ class CrtEngine:
                                       self.headers_type([("Host", host), *headers])),
             on_body=lambda chunk, **_: body.append(chunk), on_done=on_done)
 
-    def _wait(self, *args) -> bytes:
-        """A blocking request, retried with backoff like botocore's standard mode."""
-        return self._retrying(lambda done: self._send(*args, done))
+    def close(self) -> None:
+        pass  # copies in flight finish on the CRT's threads; nothing is queued here
 
-    def _retrying(self, send: Callable[[Callable], None]):
-        """send(done) until an answer without error, or an error no retry cures."""
-        for attempt in range(1, self.max_attempts + 1):
-            answer: queue.Queue = queue.Queue()
-            send(lambda *r, answer=answer: answer.put(r))
-            value, error, code = answer.get()
-            if not error:
-                return value
-            if attempt == self.max_attempts or not retryable(code):
-                raise S3RequestError(error, code)
-            time.sleep(backoff(attempt))
-        raise AssertionError("unreachable")
+    def _wait(self, *args) -> bytes:
+        """One blocking attempt."""
+        answer: queue.SimpleQueue = queue.SimpleQueue()
+        self._send(*args, lambda value, failure: answer.put((value, failure)))
+        value, failure = answer.get()
+        if failure is not None:
+            raise failure
+        return value
 
     def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
-              done: Callable[[str | None, str | None, str], None]) -> None:
-        """Send one CopyObject without blocking; done(etag, error, code) runs on a CRT thread."""
-        def finished(body: bytes | None, error: str | None, code: str) -> None:
+              reply: Reply) -> None:
+        def finished(body: bytes | None, failure: BaseException | None) -> None:
             etag = ETAG.search(body or b"")
-            done(etag.group(1).decode() if etag else None, error, code)
+            reply(etag.group(1).decode() if etag else None, failure)
         self._send("PUT", dst_bucket, quote_key(dst_key), "",
                    [("Content-Length", "0"),
                     ("x-amz-copy-source", quote_key(f"{src_bucket}/{src_key}"))],
                    "CopyObject", finished)
 
     def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> str | None:
-        return self._retrying(lambda done: self.start(src_bucket, src_key, dst_bucket, dst_key,
-                                                      done))
+        answer: queue.SimpleQueue = queue.SimpleQueue()
+        self.start(src_bucket, src_key, dst_bucket, dst_key,
+                   lambda value, failure: answer.put((value, failure)))
+        value, failure = answer.get()
+        if failure is not None:
+            raise failure
+        return value
 
     def list_page(self, bucket: str, prefix: str, token: str | None,
                   max_keys: int) -> tuple[list[Obj], str | None]:
@@ -363,35 +380,31 @@ def crt_credentials(session: boto3.session.Session):
     return AwsCredentialsProvider.new_delegate(current)
 
 
-def backoff(attempt: int) -> float:
-    """Full jitter, as botocore's standard mode: up to 50 ms, 100 ms, ... 20 s."""
-    return random.uniform(0, min(20.0, 0.05 * 2 ** (attempt - 1)))
-
-
 def crt_throughput_target(connections: int) -> float:
     """The throughput_target_gbps that makes the CRT open `connections` connections
     (README: "What capped the CRT under latency")."""
     return max(10, connections) * CRT_GBPS_PER_CONNECTION
 
 
-def make_engine(s3, cfg: Settings, pacer: Pacer | None = None,
-                session: boto3.session.Session | None = None):
-    """The CRT when it is installed (or asked for), boto3 otherwise."""
+def make_engine(s3, cfg: Settings, session: boto3.session.Session | None = None) -> Engine:
+    """The CRT when it is installed (or asked for), boto3 otherwise. `s3` makes one
+    attempt per call (the run's RequestPath retries around the engine)."""
     if cfg.engine in ("auto", "crt"):
         try:
-            return CrtEngine(s3, cfg.max_attempts, cfg.workers, pacer, session)
+            return CrtEngine(s3, cfg.workers, session)
         except ImportError:
             if cfg.engine == "crt":
                 raise UsageError("--engine crt needs the awscrt package: "
                                  "pip install awscrt") from None
-    return Boto3Engine(s3)
+    return Boto3Engine(s3, cfg.workers)
 
 
 # ---------------------------------------------------------------- one copy
 
 
-def copy_one(s3, engine, item: Item, cfg: Settings) -> Item:
-    """Runs on a worker: never prints, never raises; the result says what happened."""
+def copy_one(s3: PacedClient, engine: Engine, item: Item, cfg: Settings) -> Item:
+    """Runs on a worker: never prints, never raises; the result says what happened.
+    Every request, the copy included, goes through s3's RequestPath (retried there)."""
     try:
         if item.kind == CHECK:
             if item.src.size is None:
@@ -421,7 +434,8 @@ def copy_one(s3, engine, item: Item, cfg: Settings) -> Item:
             h = head(s3, cfg.dest_bucket, item.dest_key)
             item.verified = h is not None and h.get("ContentLength") == item.src.size
         else:
-            etag = engine.copy(cfg.source_bucket, item.src.key, cfg.dest_bucket, item.dest_key)
+            etag = s3.path.call(lambda: engine.copy(cfg.source_bucket, item.src.key,
+                                                    cfg.dest_bucket, item.dest_key))
             item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag))
         item.action = "copied"
     except (ClientError, BotoCoreError, LookupError, OSError, S3RequestError) as exc:
@@ -432,19 +446,13 @@ def copy_one(s3, engine, item: Item, cfg: Settings) -> Item:
     return item
 
 
-def copy_async(engine: CrtEngine, item: Item, cfg: Settings, done: Callable[[Item], None]) -> None:
-    """The CRT's way of copy_one: no worker thread waits; done(item) gets the outcome."""
-    def finished(etag: str | None, error: str | None, code: str = "") -> None:
-        if error:
-            item.action, item.error, item.code = "failed", error, code
-        else:
-            item.action = "copied"
-            item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag))
-        done(item)
-    try:
-        engine.start(cfg.source_bucket, item.src.key, cfg.dest_bucket, item.dest_key, finished)
-    except Exception as exc:  # refused before sending (e.g. by the CRT): fail this object
-        finished(None, f"{type(exc).__name__}: {exc}")
+def copy_answered(item: Item, answer) -> None:
+    """What one CopyObject's answer (pacing.Answer) means for its item."""
+    if answer.error:
+        item.action, item.error, item.code = "failed", answer.error, answer.code
+    else:
+        item.action, item.error, item.code = "copied", "", ""
+        item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, answer.value))
 
 
 def copy_multipart(s3, item: Item, cfg: Settings) -> None:

@@ -23,16 +23,181 @@ server in simulated time.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 log = logging.getLogger("move")
 
 # Codes that say "slow down" rather than "this request is wrong".
 THROTTLE_CODES = {"SlowDown", "503", "RequestLimitExceeded", "Throttling", "ThrottlingException",
                   "TooManyRequests", "TooManyRequestsException", "ServiceUnavailable"}
+
+
+# Answers worth another attempt besides throttling: a server error, a timeout.
+SERVER_ERRORS = {"InternalError", "RequestTimeout", "500", "502", "504", "BadGateway",
+                 "GatewayTimeout", "RequestTimeTooSkewed", "OperationAborted"}
+# No answer at all (botocore's exception names; the CRT's are AWS_ERROR_*).
+NO_ANSWER = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+             "ConnectTimeoutError", "ConnectionError", "HTTPClientError", "IncompleteReadError",
+             "ResponseStreamingError", "ProxyConnectionError"}
+
+
+class S3RequestError(Exception):
+    """A request that failed: S3's error code, and the HTTP status when S3 answered."""
+
+    def __init__(self, message: str, code: str = "", status: int | None = None):
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+def retryable(code: str, status: int | None = None) -> bool:
+    """Worth another attempt: throttling, a server error, or no answer at all."""
+    return (code in THROTTLE_CODES or code in SERVER_ERRORS or code in NO_ANSWER
+            or code.startswith("AWS_") or (code.isdigit() and int(code) >= 500)
+            or (status is not None and status >= 500))
+
+
+def backoff(attempt: int) -> float:
+    """Full jitter, as botocore's standard mode: up to 50 ms, 100 ms, ... 20 s."""
+    return random.uniform(0, min(20.0, 0.05 * 2 ** (attempt - 1)))
+
+
+def classify(exc: BaseException) -> tuple[str, int | None]:
+    """An exception from a request: (S3's error code or the exception's name, HTTP status
+    if S3 answered at all)."""
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return str(exc.response.get("Error", {}).get("Code", "") or status or ""), status
+    if isinstance(exc, S3RequestError):
+        return exc.code, exc.status
+    return type(exc).__name__, None
+
+
+@dataclass
+class Answer:
+    """One attempt of one request, as the request path saw it go and come back."""
+    value: Any = None
+    error: str = ""  # "" when S3 accepted the request
+    code: str = ""
+    status: int | None = None
+    sent_at: float = 0.0  # when it left: after the pacer's wait, not before
+    answered_at: float = 0.0
+
+    @property
+    def latency(self) -> float:
+        return self.answered_at - self.sent_at
+
+
+class RequestPath:
+    """The one way a request of the run goes out, for both engines and every kind of
+    request: the token first (the pacer), then the time it leaves, then one attempt,
+    then what came back told to the pacer, then the retry policy.
+
+    call() runs a blocking request to its end, retries included (listings, HEADs,
+    deletes, bucket checks, multipart parts). start() sends one attempt without
+    blocking (the run's copies); the run retries those off the window, with
+    retry_after()'s policy, so a copy waiting out its backoff holds no place.
+    """
+
+    def __init__(self, pacer: Pacer, max_attempts: int = 10,
+                 clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], None] | None = None):
+        self.pacer, self.max_attempts = pacer, max_attempts
+        self.clock = clock or pacer.clock
+        self.sleep = sleep or pacer.sleep
+
+    def retry_after(self, attempts: int, code: str, status: int | None = None) -> float | None:
+        """Seconds to wait before the next attempt, or None: give up."""
+        if attempts >= self.max_attempts or not retryable(code, status):
+            return None
+        return backoff(attempts)
+
+    def observe(self, sent_at: float, code: str, status: int | None) -> None:
+        """An answer to a request that left at sent_at ("" code: accepted)."""
+        if code in THROTTLE_CODES or status == 503:
+            self.pacer.throttled(sent_at)
+        elif not code or status is not None:
+            self.pacer.accepted()  # answered, and not "slow down": says "not over the limit"
+        # else no answer at all (a dropped connection): says nothing about the rate
+
+    def start(self, send: Callable[[Callable[[Any, BaseException | None], None]], None],
+              done: Callable[[Answer], None]) -> None:
+        """One attempt: send(reply) must not block, and call reply(value, failure) once,
+        from any thread."""
+        self.pacer.acquire()
+        sent_at = self.clock()
+
+        def reply(value: Any, failure: BaseException | None) -> None:
+            now = self.clock()
+            if failure is None:
+                self.observe(sent_at, "", None)
+                done(Answer(value, sent_at=sent_at, answered_at=now))
+                return
+            code, status = classify(failure)
+            self.observe(sent_at, code, status)
+            done(Answer(None, describe(failure), code, status, sent_at, now))
+        send(reply)
+
+    def call(self, request: Callable[[], Any]) -> Any:
+        """request() until it succeeds or the retry policy gives up (then its error)."""
+        attempts = 0
+        while True:
+            attempts += 1
+            self.pacer.acquire()
+            sent_at = self.clock()
+            try:
+                value = request()
+            except (ClientError, BotoCoreError, S3RequestError, OSError) as exc:
+                code, status = classify(exc)
+                self.observe(sent_at, code, status)
+                wait = self.retry_after(attempts, code, status)
+                if wait is None:
+                    raise
+                self.sleep(wait)
+                continue
+            self.observe(sent_at, "", None)
+            return value
+
+    def client(self, raw) -> PacedClient:
+        return PacedClient(raw, self)
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return f"{err.get('Code', 'Error')}: {err.get('Message', '')}".strip(": ")
+    return f"{type(exc).__name__}: {exc}"
+
+
+class PacedClient:
+    """A boto3 S3 client whose every operation goes through a RequestPath: give it a
+    client that makes one attempt per call (make_s3_client(1)). What is not an
+    operation (meta, exceptions, paginators' models) is the client's own."""
+
+    def __init__(self, raw, path: RequestPath):
+        self.raw, self.path = raw, path
+        self._operations = raw.meta.method_to_api_mapping
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.raw, name)
+        if name not in self._operations:
+            return attr
+
+        def operation(*args, **kwargs):
+            return self.path.call(lambda: attr(*args, **kwargs))
+        operation.__name__ = name
+        return operation
+
+    def copy(self, CopySource, Bucket, Key, **kwargs):  # noqa: N803 (boto3's names)
+        """boto3's managed (multipart) copy, its part requests through the path too."""
+        from boto3.s3.inject import copy
+        return copy(self, CopySource, Bucket, Key, **kwargs)
 
 
 class Window:

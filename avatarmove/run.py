@@ -23,12 +23,12 @@ from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionE
                                  NoCredentialsError, PartialCredentialsError)
 
 from . import copying
-from .copying import backoff, copy_async, copy_confirmed, describe_error, make_engine, retryable
+from .copying import Engine, Paced, copy_answered, copy_confirmed, describe_error, make_engine
 from .database import Database
 from .journal import ensure_journal
 from .lock import take as take_lock
 from .listing import Listing, Obj, check_manifest, listed, read_manifest
-from .pacing import Pacer, Window
+from .pacing import Answer, PacedClient, RequestPath, Window
 from .incurable import ARCHIVED_CODES, Streak
 from .planning import CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, wanted
 from .report import COPIED, FAILED, ROWS_ONLY, SKIPPED, Reporter, Stats, Summary
@@ -68,26 +68,32 @@ class Interrupt:
 
 class Migration:
     """One pass over the plan. The window of copies in flight is bounded, so
-    memory stays flat and the listing is never read far ahead of the copies."""
+    memory stays flat and the listing is never read far ahead of the copies.
 
-    def __init__(self, s3, engine, db: Database, cfg: Settings, reporter: Reporter,
-                 stop: threading.Event, stats: Stats, pacer: Pacer | None = None):
+    Time is the request path's clock, and answers come back through `answers`
+    (a queue: put, get(timeout), get_nowait): tests drive this loop in simulated
+    time with a fake engine."""
+
+    def __init__(self, s3: PacedClient, engine: Engine, db: Database, cfg: Settings,
+                 reporter: Reporter, stop: threading.Event, stats: Stats,
+                 path: RequestPath | None = None, answers=None):
         self.s3, self.engine, self.db, self.cfg = s3, engine, db, cfg
         self.reporter, self.stop, self.stats = reporter, stop, stats
-        self.pacer = pacer or Pacer()
-        # SimpleQueue: C, no Condition to notify; it carries every copy's answer
-        self.done_q: queue.SimpleQueue[Item] = queue.SimpleQueue()
+        self.path = path or s3.path
+        self.clock, self.sleep = self.path.clock, self.path.sleep
+        # SimpleQueue: C, no Condition to notify; it carries every copy's answer:
+        # (item, Answer) for a copy sent here, (item, None) for a copy_one's result
+        self.done_q = answers if answers is not None else queue.SimpleQueue()
         self.inflight = 0
         # --workers is the ceiling; how many copies are in flight adapts below it.
-        self.window = Window(ceiling=cfg.workers)
-        self.pacer.on_throttle.append(self.window.throttled)
+        self.window = Window(ceiling=cfg.workers, clock=self.clock)
+        self.path.pacer.on_throttle.append(self.window.throttled)
         self.retries: list[tuple[float, int, Item]] = []  # (due, seq, item), a heap
         self.retry_seq = 0
-        self.sent_async: set[int] = set()  # ids of items the CRT copies without a worker
         self.batch: list[Item] = []
         self.deletes: list[Item] = []
-        self.last_flush = time.monotonic()
-        self.executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="copy")
+        self.last_flush = self.clock()
+        self.executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="check")
         self.streak = Streak()  # copies failing with errors a rerun cannot cure
         self.flushes, self.flush_s = 0, 0.0  # batches of rows written, and the time they took
         # Writing rows blocks on the database: a thread of its own, so copies go on meanwhile.
@@ -118,6 +124,7 @@ class Migration:
                 self.delete_sources()
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
+            self.engine.close()
             self.db_thread.shutdown(wait=True, cancel_futures=True)
 
     def dispatch(self, item: Item) -> None:
@@ -139,25 +146,34 @@ class Migration:
             self.drain(block=True)
 
     def send(self, item: Item) -> None:
+        """A plain copy goes out as one attempt through the request path, its answer
+        back on done_q; anything else (HEADs first, a multipart copy) is copy_one's,
+        on a worker, each of its requests through the same path."""
         self.inflight += 1
         item.attempts += 1
-        item.sent_at = time.monotonic()
-        if (item.kind == COPY and hasattr(self.engine, "start")
-                and (item.src.size or 0) <= self.cfg.multipart_threshold):
-            self.sent_async.add(id(item))
-            copy_async(self.engine, item, self.cfg, self.done_q.put)
+        cfg = self.cfg
+        if item.kind == COPY and (item.src.size or 0) <= cfg.multipart_threshold:
+            self.path.start(
+                lambda reply: self.engine.start(cfg.source_bucket, item.src.key,
+                                                cfg.dest_bucket, item.dest_key, reply),
+                lambda answer: self.done_q.put((item, answer)))
         else:
-            self.executor.submit(copying.copy_one, self.s3, self.engine, item, self.cfg) \
-                .add_done_callback(lambda f: f.cancelled() or self.done_q.put(f.result()))
+            item.sent_at = self.clock()
+            self.executor.submit(copying.copy_one, self.s3, self.engine, item, cfg) \
+                .add_done_callback(lambda f: f.cancelled() or self.done_q.put((item, None)))
 
-    def take(self, item: Item) -> None:
+    def take(self, done: tuple[Item, Answer | None]) -> None:
+        item, answer = done
         self.inflight -= 1
-        was_async = id(item) in self.sent_async
-        self.sent_async.discard(id(item))
-        if item.action == FAILED and was_async and self.retry_later(item):
-            return
+        if answer is not None:
+            copy_answered(item, answer)
+            if answer.error and self.retry_later(item, answer):
+                return
+            latency = answer.latency
+        else:
+            latency = self.clock() - item.sent_at
         if item.action and item.action != FAILED:
-            self.window.succeeded(time.monotonic() - item.sent_at)
+            self.window.succeeded(latency)
         self.judge(item)
         if item.kind == CONFLICT:
             item.action = CONFLICT
@@ -181,22 +197,22 @@ class Migration:
                 self.stats.stopped = self.streak.reason(self.cfg)
                 log.debug("stopping: %s; %d copies in flight", self.stats.stopped, self.inflight)
 
-    def retry_later(self, item: Item) -> bool:
-        """CRT copies come back unretried (see CrtEngine): retry those worth it here,
-        after a backoff, without holding a place in the window meanwhile."""
-        if item.attempts >= self.cfg.max_attempts or not retryable(item.code):
+    def retry_later(self, item: Item, answer: Answer) -> bool:
+        """A copy worth another attempt (the request path's policy) goes on the retry
+        heap after its backoff, without holding a place in the window meanwhile."""
+        wait = self.path.retry_after(item.attempts, answer.code, answer.status)
+        if wait is None:
             return False
         item.action = item.error = ""
         self.retry_seq += 1
-        heapq.heappush(self.retries, (time.monotonic() + backoff(item.attempts),
-                                      self.retry_seq, item))
+        heapq.heappush(self.retries, (self.clock() + wait, self.retry_seq, item))
         return True
 
     def send_due_retries(self) -> float:
         """Send the retries whose backoff is over; returns seconds to the next one."""
         while self.retries and not self.stop.is_set():
             due, _, item = self.retries[0]
-            wait = due - time.monotonic()
+            wait = due - self.clock()
             if wait > 0:
                 return wait
             if self.inflight >= self.window.size:
@@ -211,29 +227,33 @@ class Migration:
             if not self.inflight:
                 if not block or self.stop.is_set():
                     break
-                time.sleep(timeout)
+                self.sleep(timeout)
                 continue
             try:
-                item = self.done_q.get(timeout=timeout) if block else self.done_q.get_nowait()
+                done = self.done_q.get(timeout=timeout) if block else self.done_q.get_nowait()
             except queue.Empty:
                 if not block or self.stop.is_set():
                     break  # not return: the flush check below must run
-                if time.monotonic() - self.last_flush >= 1.0:
+                if self.clock() - self.last_flush >= 1.0:
                     self.flush()
                 continue
-            self.take(item)
+            self.take(done)
             block = False
-        if len(self.batch) >= self.cfg.batch_size or time.monotonic() - self.last_flush >= 1.0:
+        if len(self.batch) >= self.cfg.batch_size or self.clock() - self.last_flush >= 1.0:
             self.flush()
         self.collect_rows()
 
     def wait_in_flight(self) -> None:
         """Wait for what is in flight; on interrupt, only a few seconds."""
-        deadline = time.monotonic() + (5 if self.stop.is_set() else float("inf"))
-        while (self.inflight or self.retries) and time.monotonic() < deadline:
+        deadline = self.clock() + (5 if self.stop.is_set() else float("inf"))
+        while (self.inflight or self.retries) and self.clock() < deadline:
             timeout = max(0.001, min(0.2, self.send_due_retries()))
             if self.stop.is_set():
                 self.retries.clear()  # not sent yet: a rerun copies them
+            if not self.inflight:
+                if self.retries:
+                    self.sleep(timeout)
+                continue
             try:
                 self.take(self.done_q.get(timeout=timeout))
             except queue.Empty:
@@ -252,7 +272,7 @@ class Migration:
     def flush(self) -> None:
         """Hand the copies done so far to the database thread, so copies keep going
         while their rows are written; at most two batches wait there."""
-        self.last_flush = time.monotonic()
+        self.last_flush = self.clock()
         if not self.batch:
             return
         work, self.batch = self.batch, []
@@ -329,7 +349,7 @@ class Migration:
             self.stats.deleted += len(chunk) - len(errors)
 
 
-def work(engine, cfg: Settings, stop: threading.Event) -> Iterator[Item]:
+def work(engine: Paced, cfg: Settings, stop: threading.Event) -> Iterator[Item]:
     """The plan, item by item: the manifest's keys, or both listings merged. The
     listings' threads start now (see prefetch)."""
     if cfg.manifest:
@@ -344,16 +364,19 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event, pacer: Pacer,
+def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.Event,
                   session=None) -> int:
+    """s3: the run's client, every call through its RequestPath (s3.path)."""
     run_id = new_run_id()
     db = Database(cfg, run_id, readonly=cfg.dry_run, stop=stop)
-    engine = make_engine(s3, cfg, pacer, session)
+    pacer = s3.path.pacer
+    engine = make_engine(s3.raw, cfg, session)
+    pages = Paced(engine, s3.path)
     # Listing only reads: its first pages (and the engine's first connections) come
     # while the checks below run, instead of after them. Should another run end in
     # the moment before this one takes the lock, its last copies are missing from
     # this destination listing and are copied again, with the same content.
-    items = work(engine, cfg, stop)
+    items = work(pages, cfg, stop)
     preflight(s3, db, cfg)
     if not cfg.dry_run:  # a dry run only reads, and may run beside a real run
         db.check_writable()
@@ -366,10 +389,10 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event, pacer: 
     stats = Stats()
     reporter = Reporter(cfg, quiet)
     if reporter.bar is not None and not cfg.manifest:
-        count_in_background(engine, cfg, reporter, stop)
+        count_in_background(pages, cfg, reporter, stop)
     interrupted = False
     try:
-        migration = Migration(s3, engine, db, cfg, reporter, stop, stats, pacer)
+        migration = Migration(s3, engine, db, cfg, reporter, stop, stats)
         reporter.window = migration.window
         # What exists now (modules, botocore's service model) lives as long as the run:
         # out of the collector's sight, a full collection no longer walks it (they took
@@ -413,7 +436,8 @@ def run_migration(s3, cfg: Settings, quiet: bool, stop: threading.Event, pacer: 
     return EXIT_FAILED if incomplete else EXIT_OK
 
 
-def count_in_background(engine, cfg: Settings, reporter: Reporter, stop: threading.Event) -> None:
+def count_in_background(engine: Paced, cfg: Settings, reporter: Reporter,
+                        stop: threading.Event) -> None:
     """A second, count-only listing gives the progress bar a total and an ETA."""
     def count():
         n = 0

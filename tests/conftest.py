@@ -452,16 +452,20 @@ def snapshot(client, conn) -> tuple:
 
 
 def fail_copy_of(monkeypatch, *failing: str) -> None:
-    """copy_one fails (as S3 would) for the given source keys, works for the rest."""
-    from avatarmove import copying
-    real = copying.copy_one
+    """The copy engine's CopyObject fails (as S3 answers a request it will never take:
+    400 InvalidRequest, not retried) for the given source keys, works for the rest.
+    Undo with monkeypatch.setattr(Boto3Engine, "copy", REAL_BOTO3_COPY)."""
+    from botocore.exceptions import ClientError
 
-    def copy_one(s3, copier, item, cfg):
-        if item.src.key in failing:
-            item.action, item.error = "failed", "InternalError: injected failure"
-            return item
-        return real(s3, copier, item, cfg)
-    monkeypatch.setattr(copying, "copy_one", copy_one)
+    from avatarmove.copying import Boto3Engine
+    real = Boto3Engine.copy
+
+    def copy(self, src_bucket, src_key, dst_bucket, dst_key):
+        if src_key in failing:
+            raise ClientError({"Error": {"Code": "InvalidRequest", "Message": "injected failure"},
+                               "ResponseMetadata": {"HTTPStatusCode": 400}}, "CopyObject")
+        return real(self, src_bucket, src_key, dst_bucket, dst_key)
+    monkeypatch.setattr(Boto3Engine, "copy", copy)
 
 
 def mixed_state(s3, db) -> None:

@@ -1,103 +1,228 @@
 """The window and the pacer against a fake S3 in simulated time: fast, and the
-same answer every run. Figures are counts and simulated seconds, not timings."""
+same answer every run. Figures are counts and simulated seconds, not timings.
+
+simulate() drives the run's real loop (run.Migration) with a fake engine: the
+request path, the retry heap, the window and the pacer are the ones a run uses;
+only the clock, the answer queue and S3 are simulated."""
 from __future__ import annotations
 
 import heapq
+import queue
 import random
+import threading
 from collections import deque
 
 import pytest
 
-from avatarmove.copying import backoff
-from avatarmove.pacing import Pacer, Window
+from avatarmove.copying import Engine
+from avatarmove.listing import Obj
+from avatarmove.pacing import Pacer, RequestPath, S3RequestError
+from avatarmove.planning import COPY, Item
+from avatarmove.report import Reporter, Stats
+from avatarmove.run import Migration
+from avatarmove.settings import Settings
+
+SLOWDOWN, INTERNAL, DROPPED, DENIED = "SlowDown", "InternalError", "dropped", "AccessDenied"
 
 
 class FakeS3:
     """Answers after `latency` seconds; with a capacity, queueing adds latency
     (Little's law); with a rate limit, more than `rate` accepted requests in
-    the last second get 503 SlowDown, as S3's per-prefix limit does."""
+    the last second get 503 SlowDown, as S3's per-prefix limit does; `random`
+    refuses that share of requests whatever the rate (S3 rescaling a prefix, an
+    S3-compatible server under load), answered as `random_as`."""
 
-    def __init__(self, latency=0.05, capacity=None, rate=None, burst=None):
+    def __init__(self, latency=0.05, capacity=None, rate=None, burst=None, random=0.0,
+                 random_as=SLOWDOWN, seed=11):
         self.latency, self.capacity, self.rate = latency, capacity, rate
         self.accepted: deque[float] = deque()
-        self.requests = self.refused = 0
-        # burst: a token bucket `burst` deep instead (bench/netproxy.py's model):
-        # a full second's worth passes at once at the start
-        self.burst, self.tokens, self.stamp = burst, burst, 0.0
+        self.requests = self.refused = self.accepted_count = 0
+        self.faults: dict[str, int] = {}
+        # burst: a token bucket `burst` seconds deep instead (bench/netproxy.py's
+        # model): that many seconds' worth pass at once at the start
+        self.burst, self.tokens, self.stamp = burst, None, 0.0
+        self.random, self.random_as = random, random_as
+        self.dice = __import__("random").Random(seed)
 
-    def answer(self, now: float, inflight: int) -> tuple[float, bool]:
+    def limit(self, now: float) -> float | None:
+        return self.rate
+
+    def answer(self, now: float, inflight: int) -> tuple[float, str]:
+        """(seconds until the answer, "" or the fault)"""
         self.requests += 1
+        rate = self.limit(now)
         while self.accepted and self.accepted[0] <= now - 1.0:
             self.accepted.popleft()
-        if self.burst is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        if self.random and self.dice.random() < self.random:
+            self.faults[self.random_as] = self.faults.get(self.random_as, 0) + 1
+            return self.latency, self.random_as
+        if rate is None:
+            refuse = False
+        elif self.burst is not None:
+            depth = max(1.0, self.burst * rate)
+            if self.tokens is None:
+                self.tokens = depth
+            self.tokens = min(depth, self.tokens + (now - self.stamp) * rate)
             self.stamp = now
             refuse = self.tokens < 1.0
             self.tokens -= 0.0 if refuse else 1.0
         else:
-            refuse = self.rate is not None and len(self.accepted) >= self.rate
+            refuse = len(self.accepted) >= rate
         if refuse:
             self.refused += 1
-            return self.latency, True
+            return self.latency, SLOWDOWN
         self.accepted.append(now)
+        self.accepted_count += 1
         queueing = inflight / self.capacity if self.capacity else 0.0
-        return max(self.latency, queueing), False
+        return max(self.latency, queueing), ""
 
 
 class Clock:
     def __init__(self):
         self.now = 0.0
+        self.answers: Answers | None = None
 
     def __call__(self) -> float:
         return self.now
 
     def sleep(self, seconds: float) -> None:
-        self.now += seconds
+        """Replies due meanwhile arrive at their time, as on the CRT's threads."""
+        end = self.now + max(0.0, seconds)
+        while self.answers is not None and self.answers.due and self.answers.due[0][0] <= end:
+            self.answers._deliver()
+        self.now = end
+
+
+class Answers:
+    """Migration's answer queue in simulated time. The fake engine schedules each
+    reply; waiting on the queue moves the clock to the next reply due (or by the
+    timeout), and delivers it: its reply runs then, as a CRT thread's would."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        clock.answers = self
+        self.due: list = []  # (time, seq, reply)
+        self.ready: deque = deque()
+        self.seq = 0
+
+    def schedule(self, at: float, reply) -> None:
+        self.seq += 1
+        heapq.heappush(self.due, (at, self.seq, reply))
+
+    def put(self, x) -> None:
+        self.ready.append(x)
+
+    def _deliver(self) -> None:
+        at, _, reply = heapq.heappop(self.due)
+        self.clock.now = max(self.clock.now, at)
+        reply()
+
+    def get_nowait(self):
+        while not self.ready and self.due and self.due[0][0] <= self.clock.now:
+            self._deliver()
+        if not self.ready:
+            raise queue.Empty
+        return self.ready.popleft()
+
+    def get(self, timeout: float | None = None):
+        deadline = self.clock.now + (timeout if timeout is not None else float("inf"))
+        while not self.ready and self.due and self.due[0][0] <= deadline:
+            self._deliver()
+        if not self.ready:
+            self.clock.now = max(self.clock.now, deadline)
+            raise queue.Empty
+        return self.ready.popleft()
+
+
+class FakeEngine(Engine):
+    """CopyObject against a FakeS3 in simulated time: one attempt per start()."""
+    name = "fake"
+
+    def __init__(self, server: FakeS3, clock: Clock, answers: Answers, slow_after=None):
+        self.server, self.clock, self.answers = server, clock, answers
+        self.inflight = self.done = 0
+        self.slow_after = slow_after
+        self.on_answer = None  # called after each answer (the test records the window)
+
+    def start(self, src_bucket, src_key, dst_bucket, dst_key, reply) -> None:
+        if self.slow_after is not None and self.done >= self.slow_after:
+            self.server.latency = 0.5
+        self.inflight += 1
+        delay, fault = self.server.answer(self.clock.now, self.inflight)
+
+        def answered():
+            self.inflight -= 1
+            if not fault:
+                self.done += 1
+                reply("etag", None)
+            elif fault == DROPPED:
+                reply(None, S3RequestError("AWS_IO_SOCKET_CLOSED: connection closed",
+                                           "AWS_IO_SOCKET_CLOSED", None))
+            else:
+                status = {SLOWDOWN: 503, INTERNAL: 500, DENIED: 403}[fault]
+                reply(None, S3RequestError(f"{fault}: simulated", fault, status))
+            if self.on_answer:
+                self.on_answer()
+        self.answers.schedule(self.clock.now + delay, answered)
+
+    def copy(self, *_):
+        raise AssertionError("the simulation copies through start()")
+
+    def list_page(self, *_):
+        raise AssertionError("the simulation lists nothing")
+
+    def close(self) -> None:
+        pass
+
+
+class NoRows:
+    """The database side of the run, with no rows to rewrite: the simulation is
+    about requests (the row path has its own tests against PostgreSQL)."""
+    plan_name = "index"
+
+    def prepare(self, create_index=False):
+        pass
+
+    def lookup(self, keys):
+        return {}
+
+    def rewrite(self, pairs):
+        return {}
+
+    def referenced(self, keys):
+        return set()
 
 
 def simulate(n: int, ceiling: int, server: FakeS3, max_rate=None, slow_after=None,
-             max_seconds: float = 600):
-    """Copy n objects the way Migration does: at most window.size in flight,
-    every request through the pacer, SlowDown answers retried after a backoff."""
+             max_seconds: float = 600, max_attempts: int = 10):
+    """Copy n objects through the run's real loop (Migration) against `server`.
+    Returns (simulated seconds, the window, the pacer, the window's size after each
+    answer); the Migration is at simulate.last."""
     random.seed(7)
     clock = Clock()
+    answers = Answers(clock)
     pacer = Pacer(max_rate, clock=clock, sleep=clock.sleep)
-    window = Window(ceiling, clock=clock)
-    pacer.on_throttle.append(window.throttled)
-    events: list = []  # (answer time, seq, sent at, throttled, attempts)
-    retries: list = []  # (due, seq, attempts)
-    todo, done, inflight, seq = n, 0, 0, 0
-    sizes = []
-    while done < n and clock.now < max_seconds:
-        while inflight < window.size and (todo or (retries and retries[0][0] <= clock.now)):
-            attempts = 1
-            if retries and retries[0][0] <= clock.now:
-                attempts = heapq.heappop(retries)[2] + 1
-            else:
-                todo -= 1
-            pacer.acquire()
-            if slow_after is not None and done >= slow_after:
-                server.latency = 0.5
-            delay, throttled = server.answer(clock.now, inflight + 1)
-            seq += 1
-            heapq.heappush(events, (clock.now + delay, seq, clock.now, throttled, attempts))
-            inflight += 1
-        if not events:
-            clock.now = retries[0][0]
-            continue
-        at, _, sent_at, throttled, attempts = heapq.heappop(events)
-        clock.now = max(clock.now, at)
-        inflight -= 1
-        if throttled:
-            pacer.throttled(sent_at)
-            seq += 1
-            heapq.heappush(retries, (clock.now + backoff(attempts), seq, attempts))
-        else:
-            pacer.accepted()
-            window.succeeded(clock.now - sent_at)
-            done += 1
-        sizes.append(window.size)
-    return clock.now, window, pacer, sizes
+    path = RequestPath(pacer, max_attempts, clock=clock, sleep=clock.sleep)
+    engine = FakeEngine(server, clock, answers, slow_after)
+    cfg = Settings(db="", source_bucket="legacy", dest_bucket="prod", source_prefix="image/",
+                   dest_prefix="avatar/", table="avatars", column="path", workers=ceiling,
+                   max_attempts=max_attempts, progress=False)
+    stats = Stats()
+    migration = Migration(None, engine, NoRows(), cfg, Reporter(cfg, quiet=True),
+                          threading.Event(), stats, path, answers)
+    sizes: list[int] = []
+    engine.on_answer = lambda: sizes.append(migration.window.size)
+
+    def items():
+        for i in range(n):
+            if clock.now > max_seconds:
+                return
+            key = f"u{i:06d}.png"
+            yield Item(Obj("image/" + key, 1000, "etag"), "avatar/" + key, COPY)
+    migration.run(items())
+    simulate.last = migration
+    assert stats.copied + stats.failed == stats.listed
+    return clock.now, migration.window, pacer, sizes
 
 
 def test_window_grows_to_the_ceiling_when_the_server_keeps_up():
@@ -214,9 +339,8 @@ class RisingS3(FakeS3):
         super().__init__(**kw)
         self.low, self.at, self.high = low, at, self.rate
 
-    def answer(self, now: float, inflight: int) -> tuple[float, bool]:
-        self.rate = self.low if now < self.at else self.high
-        return super().answer(now, inflight)
+    def limit(self, now: float) -> float | None:
+        return self.low if now < self.at else self.high
 
 
 def test_a_limit_that_rises_is_found_within_seconds():
@@ -245,3 +369,57 @@ def test_the_rate_grows_past_a_stale_refusal_when_nothing_more_is_refused():
         pacer.acquire()
         pacer.accepted()
     assert pacer.rate >= 1.5 * 200, (cut, pacer.rate)
+
+
+# --------------------------------------------------------------------------- the request path
+
+
+def test_the_time_a_request_left_is_after_the_pacers_wait():
+    """Under --max-rate the pacer holds requests back; the window must see S3's
+    latency, not S3's plus the pacer's wait (else it reads a queue it made itself
+    as the server slowing down)."""
+    seconds, window, pacer, _ = simulate(1000, 256, FakeS3(latency=0.05), max_rate=100)
+    assert seconds == pytest.approx(1000 / 100, rel=0.1)
+    assert window.srtt == pytest.approx(0.05, rel=0.01)
+
+
+def test_every_kind_of_request_is_paced_observed_and_retried_in_one_place(s3):
+    """A PacedClient over a one-attempt client: a HEAD, a listing and a copy refused
+    with SlowDown twice each are retried by the request path, each refusal reaches
+    the pacer, and each attempt takes a token; a 404 is an answer, not retried."""
+    from botocore.awsrequest import AWSResponse
+
+    from avatarmove.copying import make_s3_client
+    from conftest import DEST, SOURCE, put
+
+    put(s3, "image/a.png")
+    raw = make_s3_client(1)
+    refused: dict[str, int] = {}
+
+    def slow_down(model, params, **_):
+        if refused.get(model.name, 0) < 2:
+            refused[model.name] = refused.get(model.name, 0) + 1
+            return AWSResponse(params.get("url", ""), 503, {}, None), {
+                "Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+                "ResponseMetadata": {"HTTPStatusCode": 503}}
+        return None
+    raw.meta.events.register("before-call.s3", slow_down)
+    random.seed(7)
+    clock = Clock()
+    pacer = Pacer(clock=clock, sleep=clock.sleep)
+    paced = RequestPath(pacer, 10, clock=clock, sleep=clock.sleep).client(raw)
+
+    assert paced.head_object(Bucket=SOURCE, Key="image/a.png")["ContentLength"] > 0
+    assert [o["Key"] for o in paced.list_objects_v2(Bucket=SOURCE)["Contents"]] == \
+        ["image/a.png"]
+    paced.copy_object(CopySource={"Bucket": SOURCE, "Key": "image/a.png"}, Bucket=DEST,
+                      Key="avatar/a.png")
+    assert refused == {"HeadObject": 2, "ListObjectsV2": 2, "CopyObject": 2}
+    assert (pacer.sent, pacer.throttles) == (9, 6)
+    assert clock.now > 0  # the backoffs were waited out (in simulated time)
+
+    from botocore.exceptions import ClientError
+    with pytest.raises(ClientError):
+        paced.head_object(Bucket=SOURCE, Key="image/missing.png")
+    assert (pacer.sent, pacer.throttles) == (10, 6)
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=DEST)["Contents"]] == ["avatar/a.png"]

@@ -23,13 +23,14 @@ import pytest
 from psycopg2.extensions import make_dsn
 
 import move
-from avatarmove import copying, report
+from avatarmove import report
+from avatarmove.copying import Boto3Engine
 from avatarmove.database import Database
 from conftest import (DEST, OTHER, PNG, SOURCE, body, fail_copy_of, insert_rows, keys,
                       mixed_state, move_cmd, put, rows, snapshot, subprocess_env,
                       summary, table_exists)
 
-REAL_COPY_ONE = copying.copy_one
+REAL_BOTO3_COPY = Boto3Engine.copy
 
 
 # --------------------------------------------------------------------------- --dry-run
@@ -110,7 +111,7 @@ def test_report_csv_one_line_per_object(run, s3, db, capsys, tmp_path, monkeypat
         "image/d.png": ["image/d.png", "avatar/d.png", "skipped", "0", ""],
         "image/x.png": ["image/x.png", "avatar/x.png", "conflict", "0", ""],
         "image/f.png": ["image/f.png", "avatar/f.png", "failed", "0",
-                        "InternalError: injected failure"],
+                        "InvalidRequest: injected failure"],
     }
     assert rows(db) == ["avatar/a.png", "avatar/a.png", "avatar/r.png", "avatar/d.png",
                         "image/x.png", "image/f.png"]
@@ -167,7 +168,7 @@ def test_delete_source_only_after_copy_and_rewrite(run, s3, db, capsys, monkeypa
     assert "avatar/f.png" not in keys(s3, DEST)
 
     # the failure heals on a rerun, and only then goes its source
-    monkeypatch.setattr(copying, "copy_one", REAL_COPY_ONE)
+    monkeypatch.setattr(Boto3Engine, "copy", REAL_BOTO3_COPY)
     assert run("--delete-source") == 1  # the conflict stays
     capsys.readouterr()
     assert keys(s3, SOURCE) == ["image/x.png"]
