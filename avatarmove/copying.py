@@ -24,11 +24,12 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from .identity import NeedsCustomerKey, described, identical
 from .listing import Obj
 from .pacing import (SERVER_ERRORS, THROTTLE_CODES, PacedClient, RequestPath,  # noqa: F401
                      S3RequestError, backoff, describe, retryable)
 from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, Item, archived,
-                       needs_restore, same_content)
+                       needs_restore, same_content, sse_c)
 from .settings import Settings, UsageError
 
 log = logging.getLogger("move")
@@ -114,11 +115,6 @@ def head(s3, bucket: str, key: str) -> dict | None:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None
         raise
-
-
-def obj_from_head(key: str, h: dict) -> Obj:
-    return Obj(key, h.get("ContentLength"), (h.get("ETag") or "").strip('"') or None,
-               h.get("StorageClass"), 'ongoing-request="false"' in (h.get("Restore") or ""))
 
 
 def restored(status: dict | None) -> bool:
@@ -408,14 +404,14 @@ def copy_one(s3: PacedClient, engine: Engine, item: Item, cfg: Settings) -> Item
     try:
         if item.kind == CHECK:
             if item.src.size is None:
-                h = head(s3, cfg.source_bucket, item.src.key)
-                if h is None:
+                src = described(s3, cfg.source_bucket, item.src.key)
+                if src is None:
                     raise LookupError("source object no longer exists")
-                item.src = obj_from_head(item.src.key, h)
-            h = head(s3, cfg.dest_bucket, item.dest_key)
-            if h is not None:
-                item.dest = obj_from_head(item.dest_key, h)
-                if same_content(item.src, item.dest):
+                item.src = src
+            dest = described(s3, cfg.dest_bucket, item.dest_key)
+            if dest is not None:
+                item.dest = dest
+                if identical(s3, cfg.source_bucket, item.src, cfg.dest_bucket, dest):
                     item.kind, item.verified = DONE, True
                     return item
                 if not cfg.overwrite:
@@ -426,6 +422,15 @@ def copy_one(s3: PacedClient, engine: Engine, item: Item, cfg: Settings) -> Item
                 item.kind = item.action = SKIP_ARCHIVED
                 item.error = archived(item.src, item.dest_key).error
                 return item
+        elif cfg.dry_run and item.src.encryption is None:
+            # The listing cannot tell an SSE-C object; a real run learns it from the
+            # copy's refusal, a dry run (which sends none) from a HEAD.
+            src = described(s3, cfg.source_bucket, item.src.key)
+            if src is None:
+                raise LookupError("source object no longer exists")
+            item.src = src if src.size is not None else item.src
+            if src.encryption == "SSE-C":
+                raise NeedsCustomerKey(src.key)
         if cfg.dry_run:
             item.action = "copied"
             return item
@@ -436,8 +441,10 @@ def copy_one(s3: PacedClient, engine: Engine, item: Item, cfg: Settings) -> Item
         else:
             etag = s3.path.call(lambda: engine.copy(cfg.source_bucket, item.src.key,
                                                     cfg.dest_bucket, item.dest_key))
-            item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag))
+            item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag)) is True
         item.action = "copied"
+    except NeedsCustomerKey:
+        sse_c(item)
     except (ClientError, BotoCoreError, LookupError, OSError, S3RequestError) as exc:
         item.action, item.error, item.code = "failed", describe_error(exc), error_code(exc)
     except Exception as exc:  # a bug must fail this object, not hang the coordinator
@@ -452,7 +459,8 @@ def copy_answered(item: Item, answer) -> None:
         item.action, item.error, item.code = "failed", answer.error, answer.code
     else:
         item.action, item.error, item.code = "copied", "", ""
-        item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, answer.value))
+        item.verified = same_content(item.src, Obj(item.dest_key, item.src.size,
+                                                   answer.value)) is True
 
 
 def copy_multipart(s3, item: Item, cfg: Settings) -> None:
@@ -479,10 +487,11 @@ def copy_multipart(s3, item: Item, cfg: Settings) -> None:
 
 
 def copy_confirmed(s3, cfg: Settings, item: Item) -> bool:
-    """Before deleting a source whose copy's ETag is not comparable (SSE-KMS,
-    multipart): the copy must exist with the source's size."""
+    """Before deleting a source whose copy's answer did not prove it equal (SSE-KMS,
+    multipart): the copy must hold the source's data (identity.identical)."""
     try:
-        h = head(s3, cfg.dest_bucket, item.dest_key)
-    except (ClientError, BotoCoreError):
+        dest = described(s3, cfg.dest_bucket, item.dest_key)
+        return dest is not None and item.src.size is not None and \
+            identical(s3, cfg.source_bucket, item.src, cfg.dest_bucket, dest)
+    except (ClientError, BotoCoreError, NeedsCustomerKey, OSError):
         return False
-    return h is not None and item.src.size is not None and h.get("ContentLength") == item.src.size

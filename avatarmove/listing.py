@@ -24,6 +24,12 @@ class Obj:
     # An archived object (GLACIER, DEEP_ARCHIVE) whose restored copy is readable now:
     # it can be copied until the restore expires.
     restored: bool = False
+    # Known from a HEAD only (a listing does not say): "none", "AES256" (SSE-S3),
+    # "aws:kms", "aws:kms:dsse" or "SSE-C"; None when not asked.
+    encryption: str | None = None
+    # A full-object checksum S3 computed, (algorithm, value), from a HEAD with
+    # checksum mode on; None when unknown or only per part (composite, "...-N").
+    checksum: tuple[str, str] | None = None
 
 
 class Listing:

@@ -17,7 +17,10 @@ COPY, CHECK, DONE, CONFLICT = "copy", "check", "done", "conflict"
 # Objects CopyObject cannot copy as they are: skipped without a request, rows left on the
 # source (which exists). The kind is also the item's outcome (report.ACTIONS).
 SKIP_ARCHIVED, SKIP_KEY_TOO_LONG = "archived", "key-too-long"
-UNCOPYABLE = (SKIP_ARCHIVED, SKIP_KEY_TOO_LONG)
+# Encrypted with a key its owner keeps (SSE-C): no listing shows it, the copy's refusal
+# (or a dry run's HEAD) does; skipped, rows left on the source.
+SKIP_SSE_C = "sse-c"
+UNCOPYABLE = (SKIP_ARCHIVED, SKIP_KEY_TOO_LONG, SKIP_SSE_C)
 
 # CopyObject refuses to read these until the object is restored; the listing says so.
 ARCHIVED_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
@@ -48,13 +51,38 @@ def in_shard(rel_key: str, shard: tuple[int, int] | None) -> bool:
     return int.from_bytes(digest, "big") % shard[1] == shard[0]
 
 
-def same_content(src: Obj, dest: Obj) -> bool:
-    """Same size, and same ETag where both are plain MD5s (multipart ETags differ by design)."""
+# How S3 stores an object decides what its ETag is. AWS (the ETag of an Object):
+# "Objects created by the PUT Object, POST Object, or Copy operation, or through the
+# AWS Management Console, and are encrypted by SSE-S3 or plaintext, have ETags that are
+# an MD5 digest of their object data. [...] encrypted by SSE-C or SSE-KMS, have ETags
+# that are not an MD5 digest of their object data. If an object is created by either
+# the Multipart Upload or Part Copy operation, the ETag is not an MD5 digest,
+# regardless of the method of encryption."
+MD5_ETAG_ENCRYPTIONS = frozenset({"none", "AES256"})
+
+
+def md5_etag(o: Obj) -> bool:
+    """Its ETag is known to be the MD5 of its data: a HEAD said how it is encrypted."""
+    return bool(o.etag) and "-" not in o.etag and o.encryption in MD5_ETAG_ENCRYPTIONS
+
+
+def same_content(src: Obj, dest: Obj) -> bool | None:
+    """True: the same data; False: different data; None: what is known cannot tell.
+
+    A listing says neither how an object is encrypted nor its checksum, so two
+    ETags that differ prove nothing by themselves (an SSE-KMS copy of the same
+    data has another ETag): None, and identity.identical() asks S3 for more.
+    Equal ETags do prove it: both the same MD5, or the same parts' MD5s."""
     if src.size is not None and dest.size is not None and src.size != dest.size:
         return False
-    if src.etag and dest.etag and "-" not in src.etag and "-" not in dest.etag:
-        return src.etag == dest.etag
-    return src.size is not None and src.size == dest.size
+    if src.checksum and dest.checksum and src.checksum[0] == dest.checksum[0]:
+        return src.checksum[1] == dest.checksum[1]
+    if src.etag and dest.etag and src.etag == dest.etag:
+        # a multipart ETag with no size to back it names parts, not bytes
+        return True if "-" not in src.etag or src.size is not None else None
+    if md5_etag(src) and md5_etag(dest):
+        return False
+    return None
 
 
 def needs_restore(src: Obj) -> bool:
@@ -70,6 +98,13 @@ def archived(src: Obj, dest_key: str, dest: Obj | None = None) -> Item:
     return Item(src, dest_key, SKIP_ARCHIVED, dest,
                 error=f"storage class {src.storage_class}, which cannot be copied until the "
                       "object is restored")
+
+
+def sse_c(item: Item) -> Item:
+    item.kind = item.action = SKIP_SSE_C
+    item.error = ("encrypted with a customer-provided key (SSE-C), which S3 needs with every "
+                  "request that reads it")
+    return item
 
 
 def wanted(key: str, cfg: Settings) -> bool:
@@ -113,8 +148,11 @@ def plan(sources: Iterable[Obj], dests: Iterable[Obj] | None, cfg: Settings,
         if d is not None and d.key == dest_key:
             match = d
             d = next(dest_iter, None)
-            if same_content(s, match):
+            same = same_content(s, match)
+            if same:
                 yield Item(s, dest_key, DONE, match, verified=True)
+            elif same is None:  # e.g. SSE-KMS ETags: the worker finds out (identity)
+                yield Item(s, dest_key, CHECK, match)
             elif cfg.overwrite:
                 yield archived(s, dest_key, match) if needs_restore(s) else \
                     Item(s, dest_key, COPY, match)

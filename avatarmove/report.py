@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .planning import SKIP_ARCHIVED, SKIP_KEY_TOO_LONG, Item
+from .planning import SKIP_ARCHIVED, SKIP_KEY_TOO_LONG, SKIP_SSE_C, Item
 from .settings import Settings
 
 log = logging.getLogger("move")
@@ -21,10 +21,10 @@ log = logging.getLogger("move")
 COPIED, ROWS_ONLY, SKIPPED = "copied", "rows-only", "skipped"
 CONFLICT, FAILED = "conflict", "failed"
 # Objects that cannot be copied as they are (planning's kinds): skipped, rows left alone.
-ARCHIVED, KEY_TOO_LONG = SKIP_ARCHIVED, SKIP_KEY_TOO_LONG
+ARCHIVED, KEY_TOO_LONG, SSE_C = SKIP_ARCHIVED, SKIP_KEY_TOO_LONG, SKIP_SSE_C
 ACTION_COUNTERS = {COPIED: "copied", ROWS_ONLY: "rows_only", SKIPPED: "skipped",
                    CONFLICT: "conflicts", FAILED: "failed", ARCHIVED: "archived",
-                   KEY_TOO_LONG: "key_too_long"}
+                   KEY_TOO_LONG: "key_too_long", SSE_C: "sse_c"}
 
 # Per-object lines of one kind that reach the terminal; the rest go only to --report
 # and --log-file. Thousands of identical lines hide the one line that matters.
@@ -49,13 +49,14 @@ class Stats:
     started: float = field(default_factory=time.monotonic)
     archived: int = 0
     key_too_long: int = 0
+    sse_c: int = 0
     failed_by_code: Counter = field(default_factory=Counter)
     stopped: str | None = None  # why the run stopped taking work (errors a rerun cannot cure)
 
     @property
     def finished(self) -> int:
         return (self.copied + self.rows_only + self.skipped + self.conflicts + self.failed
-                + self.archived + self.key_too_long)
+                + self.archived + self.key_too_long + self.sse_c)
 
     def count(self, item: Item) -> None:
         name = ACTION_COUNTERS[item.action]
@@ -88,6 +89,7 @@ class Summary:
     rows_outside: int | None = None
     archived: int = 0  # archived (GLACIER, DEEP_ARCHIVE): restore first
     key_too_long: int = 0  # destination key over S3's 1,024 bytes
+    sse_c: int = 0  # encrypted with a customer-provided key (SSE-C): copy with the key
     failed_by_code: dict[str, int] = field(default_factory=dict)  # S3 error code -> objects
     stopped: str | None = None  # set when errors a rerun cannot cure stopped the run
 
@@ -103,7 +105,7 @@ class Summary:
                    slowdowns=stats.slowdowns, window_peak=stats.window_peak, row_plan=row_plan,
                    rows_left_under_source=stats.rows_left_under_source,
                    rows_outside=stats.rows_outside, archived=stats.archived,
-                   key_too_long=stats.key_too_long,
+                   key_too_long=stats.key_too_long, sse_c=stats.sse_c,
                    failed_by_code=dict(stats.failed_by_code.most_common()),
                    stopped=stats.stopped)
 
@@ -112,7 +114,7 @@ class Summary:
 
     def to_text(self, cfg: Settings) -> str:
         finished = (self.copied + self.rows_only + self.skipped + self.conflicts + self.failed
-                    + self.archived + self.key_too_long)
+                    + self.archived + self.key_too_long + self.sse_c)
         rate = finished / self.elapsed_s if self.elapsed_s > 0 else 0.0
         title = "Dry run: nothing was changed" if self.dry_run else f"Run {self.run_id}"
         if self.stopped:  # a rerun would meet the same errors: no "rerun" here
@@ -132,6 +134,7 @@ class Summary:
             f"  conflicts              {self.conflicts}",
             f"  archived (restore first) {self.archived}",
             f"  key too long           {self.key_too_long}",
+            f"  SSE-C (need their key) {self.sse_c}",
             f"  failed                 {self.failed}",
         ]
         if self.failed_by_code:
@@ -193,6 +196,13 @@ class Reporter:
                             "stay on the source; a rerun cannot copy it: rename the source "
                             "object or choose a shorter --dest-prefix", item.src.key,
                             item.dest_key, item.error)
+        elif item.action == SSE_C:
+            self.per_object(logging.WARNING, item, "SSE-C: %s -> %s: %s: skipped, its rows stay "
+                            "on the source; copy it with its key (aws s3api copy-object "
+                            "--copy-source-sse-customer-algorithm AES256 "
+                            "--copy-source-sse-customer-key ...), or have its owner re-encrypt "
+                            "it with SSE-S3 or SSE-KMS, then rerun", item.src.key, item.dest_key,
+                            item.error)
         if self.bar is not None:
             if self.total is not None and self.bar.total != self.total:
                 self.bar.total = self.total
@@ -215,7 +225,7 @@ class Reporter:
         log.log(level, msg, *args, extra={"terminal": n <= TERMINAL_LINES})
         if n == TERMINAL_LINES + 1:
             what = {FAILED: "failures", CONFLICT: "conflicts", ARCHIVED: "archived objects",
-                    KEY_TOO_LONG: "keys too long"}[item.action]
+                    KEY_TOO_LONG: "keys too long", SSE_C: "SSE-C objects"}[item.action]
             kept = [name for name, on in (("--report", self.report is not None),
                                           ("--log-file", any(isinstance(h, logging.FileHandler)
                                                              for h in log.handlers))) if on]

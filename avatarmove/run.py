@@ -30,7 +30,9 @@ from .lock import take as take_lock
 from .listing import Listing, Obj, check_manifest, listed, read_manifest
 from .pacing import Answer, PacedClient, RequestPath, Window
 from .incurable import ARCHIVED_CODES, Streak
-from .planning import CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, wanted
+from .identity import sse_c_refused
+from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, sse_c,
+                       wanted)
 from .report import COPIED, FAILED, ROWS_ONLY, SKIPPED, Reporter, Stats, Summary
 from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Settings, UsageError
 
@@ -128,10 +130,7 @@ class Migration:
             self.db_thread.shutdown(wait=True, cancel_futures=True)
 
     def dispatch(self, item: Item) -> None:
-        if item.kind == COPY and self.cfg.dry_run:
-            item.action = COPIED  # would be: nothing to ask S3
-            self.batch.append(item)
-        elif item.kind in (COPY, CHECK):
+        if item.kind in (COPY, CHECK):  # a dry run's copies HEAD their source (SSE-C?)
             self.wait_for_room()
             if not self.stop.is_set():
                 self.send(item)
@@ -152,7 +151,8 @@ class Migration:
         self.inflight += 1
         item.attempts += 1
         cfg = self.cfg
-        if item.kind == COPY and (item.src.size or 0) <= cfg.multipart_threshold:
+        if item.kind == COPY and not cfg.dry_run and \
+                (item.src.size or 0) <= cfg.multipart_threshold:
             self.path.start(
                 lambda reply: self.engine.start(cfg.source_bucket, item.src.key,
                                                 cfg.dest_bucket, item.dest_key, reply),
@@ -189,6 +189,8 @@ class Migration:
             # archived in a way the listing does not show (Intelligent-Tiering's archive
             # tiers): no retry, restoring is what cures it
             item.kind = item.action = SKIP_ARCHIVED
+        elif item.action == FAILED and sse_c_refused(item.code, item.error):
+            sse_c(item)  # the copy was refused for want of the object's own key
         elif item.action == COPIED and not self.cfg.dry_run:
             self.streak.succeeded(item.seq)
         elif item.action == FAILED:
@@ -432,7 +434,7 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
         return EXIT_INTERRUPTED
     # A dry run shows conflicts and uncopyable objects in its counts, and exits 0.
     incomplete = stats.failed or stats.stopped or (not cfg.dry_run and (
-        stats.conflicts or stats.archived or stats.key_too_long))
+        stats.conflicts or stats.archived or stats.key_too_long or stats.sse_c))
     return EXIT_FAILED if incomplete else EXIT_OK
 
 

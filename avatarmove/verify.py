@@ -4,10 +4,11 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from .copying import Boto3Engine, head, obj_from_head
+from .copying import Boto3Engine
 from .database import Database
+from .identity import NeedsCustomerKey, described, identical
 from .listing import Listing, listed
-from .planning import CHECK, CONFLICT, COPY, DONE, plan, same_content
+from .planning import CHECK, CONFLICT, COPY, DONE, plan
 from .run import preflight
 from .settings import EXIT_FAILED, EXIT_OK, Settings
 
@@ -55,11 +56,16 @@ def check_objects(s3, db: Database, cfg: Settings, problem: Problems) -> int:
     checked = 0
     for item in plan(listed(src, stop), listed(dest, stop), cfg, src, dest):
         checked += 1
-        if item.kind == CHECK:
-            h = head(s3, cfg.dest_bucket, item.dest_key)
-            item.dest = obj_from_head(item.dest_key, h) if h else None
-            item.kind = (COPY if h is None else
-                         DONE if same_content(item.src, item.dest) else CONFLICT)
+        if item.kind == CHECK:  # absent from an unordered listing, or ETags that cannot tell
+            item.dest = described(s3, cfg.dest_bucket, item.dest_key)
+            try:
+                item.kind = (COPY if item.dest is None else
+                             DONE if identical(s3, cfg.source_bucket, item.src, cfg.dest_bucket,
+                                               item.dest) else CONFLICT)
+            except NeedsCustomerKey:
+                problem("SSE-C", f"{item.src.key} is encrypted with a customer-provided key "
+                                 f"(SSE-C): its copy {item.dest_key} cannot be compared")
+                item.kind = DONE
         if item.kind == COPY:
             problem("MISSING-COPY", f"{item.src.key} has no copy at {item.dest_key}")
         elif item.kind == CONFLICT:

@@ -107,7 +107,8 @@ PAIRING = {
         [Obj("avatar/a.png", 3, "ea"), Obj("avatar/b.png", 3, "other"),
          Obj("avatar/c.png", 4, "ec"), Obj("avatar/zzz.png", 3, "ez")], {}, True, {
             "image/a.png": (DONE, "avatar/a.png", "ea"),
-            "image/b.png": (CONFLICT, "avatar/b.png", "other"),
+            # the same size, another ETag: maybe SSE-KMS, the worker finds out
+            "image/b.png": (CHECK, "avatar/b.png", "other"),
             "image/c.png": (CONFLICT, "avatar/c.png", "ec"),
             "image/d.PNG": (COPY, "avatar/d.PNG", None),
             "image/sub/deep/e.png": (COPY, "avatar/sub/deep/e.png", None)}),
@@ -115,7 +116,7 @@ PAIRING = {
         [Obj("avatar/a.png", 3, "ea"), Obj("avatar/b.png", 3, "other")],
         {"overwrite": True}, True, {
             "image/a.png": (DONE, "avatar/a.png", "ea"),
-            "image/b.png": (COPY, "avatar/b.png", "other"),
+            "image/b.png": (CHECK, "avatar/b.png", "other"),
             "image/c.png": (COPY, "avatar/c.png", None),
             "image/d.PNG": (COPY, "avatar/d.PNG", None),
             "image/sub/deep/e.png": (COPY, "avatar/sub/deep/e.png", None)}),
@@ -174,20 +175,22 @@ def test_plan_with_a_shard_keeps_only_that_shards_keys(n):
 # --------------------------------------------------------------------------- same_content()
 
 SAME_CONTENT = [
-    # (source size, source ETag, destination size, destination ETag, same?)
-    (3, '"aa"', 3, '"aa"', True),  # same size, same MD5
-    (3, '"aa"', 3, '"bb"', False),  # same size, another MD5
+    # (source size, ETag, destination size, ETag, same?: True, False or None: cannot tell)
+    (3, '"aa"', 3, '"aa"', True),  # same size, same ETag
     (3, '"aa"', 4, '"aa"', False),  # another size
-    (3, '"aa"', 3, '"cc-3"', True),  # a multipart copy: its ETag differs by design
-    (3, '"aa-2"', 3, '"cc-3"', True),  # both multipart
+    # listed ETags that differ prove nothing: SSE-KMS gives a copy another ETag
+    (3, '"aa"', 3, '"bb"', None),
+    (3, '"aa"', 3, '"cc-3"', None),  # a multipart copy: its ETag differs by design
+    (3, '"aa-2"', 3, '"cc-3"', None),  # both multipart
+    (3, '"aa-2"', 3, '"aa-2"', True),  # the same parts' MD5s, the same size
     (3, '"aa-2"', 4, '"aa-2"', False),  # multipart, another size
-    (3, None, 3, '"aa"', True),  # no ETag to compare: the size decides
+    (3, None, 3, '"aa"', None),  # no ETag to compare: the size alone proves nothing
     (3, None, 4, None, False),
     (None, '"aa"', 3, '"aa"', True),  # a manifest gives no size: same MD5 is enough
-    (None, '"aa"', 3, '"bb"', False),
-    (None, None, 3, '"aa"', False),  # nothing known: not the same
-    (None, '"aa-2"', 3, '"aa-2"', False),  # multipart ETags alone prove nothing
-    (3, '"aa"', None, None, False),
+    (None, '"aa"', 3, '"bb"', None),
+    (None, None, 3, '"aa"', None),  # nothing known
+    (None, '"aa-2"', 3, '"aa-2"', None),  # multipart ETags alone name parts, not bytes
+    (3, '"aa"', None, None, None),
 ]
 
 
@@ -195,6 +198,27 @@ SAME_CONTENT = [
 def test_same_content(src_size, src_etag, dest_size, dest_etag, same):
     assert same_content(Obj("image/a.png", src_size, src_etag),
                         Obj("avatar/a.png", dest_size, dest_etag)) is same
+
+
+# What a HEAD adds: how each is encrypted (so whether its ETag is an MD5), its checksum.
+HEADED = [
+    # (source encryption, checksum, destination encryption, checksum, same?)
+    ("AES256", None, "AES256", None, False),  # two MD5 ETags that differ: different data
+    ("none", None, "AES256", None, False),
+    ("aws:kms", None, "AES256", None, None),  # an SSE-KMS ETag is no MD5: cannot tell
+    ("AES256", None, "aws:kms", None, None),
+    ("SSE-C", None, "AES256", None, None),
+    ("aws:kms", ("CRC32", "x"), "AES256", ("CRC32", "x"), True),  # S3's checksums decide
+    ("AES256", ("CRC32", "x"), "AES256", ("CRC32", "y"), False),
+    ("aws:kms", ("CRC32", "x"), "aws:kms", ("SHA256", "x"), None),  # not comparable
+]
+
+
+@pytest.mark.parametrize("src_enc,src_sum,dest_enc,dest_sum,same", HEADED)
+def test_same_content_after_a_head(src_enc, src_sum, dest_enc, dest_sum, same):
+    assert same_content(Obj("image/a.png", 3, "aa", encryption=src_enc, checksum=src_sum),
+                        Obj("avatar/a.png", 3, "bb", encryption=dest_enc,
+                            checksum=dest_sum)) is same
 
 
 # --------------------------------------------------------------------------- in_shard()
