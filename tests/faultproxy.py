@@ -24,6 +24,10 @@ Targeted faults:
   latency         seconds added to every request
   stall_copies    an Event: once set, CopyObject requests wait for `release`, then
                   are forwarded (copies that land after their client is gone)
+  model           answers as AWS does where moto does not model it (tests/awsmodel.py):
+                  model.refuse(request) -> (status, code, message) or None, before
+                  forwarding; model.rewrite(request, status, headers, data) -> (headers,
+                  data), after. request is a Request (method, bucket, key, query, headers).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import socket
 import threading
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -55,6 +60,17 @@ ERRORS = {
 }
 
 
+@dataclass
+class Request:
+    """What a model sees of one request (path-style: /bucket/key?query)."""
+    method: str
+    operation: str
+    bucket: str
+    key: str
+    query: str
+    headers: dict  # lower-cased names
+
+
 def error_body(code: str, message: str, resource: str) -> bytes:
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
             f"<Message>{message}</Message><Resource>{resource}</Resource>"
@@ -73,7 +89,7 @@ class FaultProxy:
                  modes: tuple[str, ...] = MODES, fail_copy_keys: tuple[str, ...] = (),
                  latency: float = 0.0, operations: tuple[str, ...] | None = None,
                  fail_first: dict[str, int] | None = None, max_key_bytes: int | None = None,
-                 deny_after: dict[str, int] | None = None):
+                 deny_after: dict[str, int] | None = None, model=None):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.rate, self.modes, self.latency = rate, modes, latency
@@ -82,6 +98,7 @@ class FaultProxy:
         self.fail_first = dict(fail_first or {})  # operation -> first n requests fail
         self.deny_after = dict(deny_after or {})  # operation -> requests after n are denied
         self.seen: Counter = Counter()  # operation -> requests
+        self.model = model
         self.max_key_bytes = max_key_bytes  # S3 refuses longer keys (moto does not)
         self.too_long = 0
         self.random = random.Random(seed)
@@ -243,6 +260,24 @@ class FaultProxy:
                     return
                 if proxy.latency:
                     threading.Event().wait(proxy.latency)
+                request = None
+                if proxy.model is not None:
+                    bucket, _, rest = bucket_key.partition("/")
+                    request = Request(self.command, operation, bucket, rest,
+                                      urlsplit(self.path).query,
+                                      {k.lower(): v for k, v in self.headers.items()})
+                    refused = proxy.model.refuse(request)
+                    if refused is not None:
+                        status, code, message = refused
+                        data = error_body(code, message, "/" + bucket_key)
+                        self.send_response_only(status)
+                        self.send_header("Content-Type", "application/xml")
+                        self.send_header("Content-Length",
+                                         "0" if self.command == "HEAD" else str(len(data)))
+                        self.end_headers()
+                        if self.command != "HEAD":
+                            self.wfile.write(data)
+                        return
                 if mode == DROP_BEFORE:
                     return self._drop()
                 if mode in ERRORS or mode == OK_ERROR:
@@ -262,6 +297,8 @@ class FaultProxy:
                     return self._drop()
                 if mode == DROP_AFTER:
                     return self._drop()
+                if request is not None:
+                    headers, data = proxy.model.rewrite(request, status, headers, data)
                 self.send_response_only(status, reason)
                 length = None
                 for name, value in headers:
