@@ -20,6 +20,9 @@ log = logging.getLogger("move")
 # An item's outcome (Item.action) and the counter it adds to.
 COPIED, ROWS_ONLY, SKIPPED = "copied", "rows-only", "skipped"
 CONFLICT, FAILED = "conflict", "failed"
+# Not an outcome of the copy but a later event of --delete-source: the source was
+# replaced after its copy, so it is kept and copied again (deleting.py).
+CHANGED = "changed-since-copy"
 # Objects that cannot be copied as they are (planning's kinds): skipped, rows left alone.
 ARCHIVED, KEY_TOO_LONG, SSE_C = SKIP_ARCHIVED, SKIP_KEY_TOO_LONG, SKIP_SSE_C
 ACTION_COUNTERS = {COPIED: "copied", ROWS_ONLY: "rows_only", SKIPPED: "skipped",
@@ -52,6 +55,10 @@ class Stats:
     sse_c: int = 0
     failed_by_code: Counter = field(default_factory=Counter)
     stopped: str | None = None  # why the run stopped taking work (errors a rerun cannot cure)
+    changed_since_copy: int = 0  # --delete-source: sources replaced after their copy, kept
+    sources_kept: int = 0  # --delete-source: sources kept for another reason (see the log)
+    rows_other_forms: int | None = None  # rows naming a source key as a URL, '/key', 'key?v'
+    hidden_rows: str | None = None  # row-level security hides rows from this role: why
 
     @property
     def finished(self) -> int:
@@ -92,6 +99,10 @@ class Summary:
     sse_c: int = 0  # encrypted with a customer-provided key (SSE-C): copy with the key
     failed_by_code: dict[str, int] = field(default_factory=dict)  # S3 error code -> objects
     stopped: str | None = None  # set when errors a rerun cannot cure stopped the run
+    changed_since_copy: int = 0  # sources replaced after their copy: kept, copied again
+    sources_kept: int = 0  # sources --delete-source kept for another reason
+    rows_other_forms: int | None = None  # rows naming a source key in a form not rewritten
+    hidden_rows: str | None = None  # set when row-level security hides rows from the role
 
     @classmethod
     def of(cls, stats: Stats, cfg: Settings, run_id: str, row_plan: str, requests: int,
@@ -107,7 +118,9 @@ class Summary:
                    rows_outside=stats.rows_outside, archived=stats.archived,
                    key_too_long=stats.key_too_long, sse_c=stats.sse_c,
                    failed_by_code=dict(stats.failed_by_code.most_common()),
-                   stopped=stats.stopped)
+                   stopped=stats.stopped, changed_since_copy=stats.changed_since_copy,
+                   sources_kept=stats.sources_kept, rows_other_forms=stats.rows_other_forms,
+                   hidden_rows=stats.hidden_rows)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=False)
@@ -142,11 +155,21 @@ class Summary:
                          ", ".join(f"{code} {n}" for code, n in self.failed_by_code.items()))
         if cfg.delete_source:
             lines.append(f"  sources deleted        {self.deleted}")
+            lines.append(f"  changed since copy     {self.changed_since_copy} (kept, copied "
+                         "again)")
+            lines.append(f"  sources kept           {self.sources_kept} (still named by a row, "
+                         "or copy unconfirmed)")
         if self.rows_left_under_source is not None:
             lines.append(f"  rows under {cfg.source_prefix} with no object moved (table-wide): "
                          f"{self.rows_left_under_source}")
             lines.append(f"  rows outside {cfg.source_prefix} and {cfg.dest_prefix} (untouched): "
                          f"{self.rows_outside}")
+        if self.rows_other_forms:
+            lines.append(f"  rows naming {cfg.source_prefix} keys in another form (a URL, a "
+                         f"leading /, ?query): {self.rows_other_forms}, not rewritten; the "
+                         "sources they name are never deleted")
+        if self.hidden_rows:
+            lines.append(f"  rows this role cannot see were not rewritten: {self.hidden_rows}")
         lines.append(f"  row plan: {self.row_plan}; S3 requests: {self.requests} "
                      f"({self.slowdowns} SlowDown); copies in flight up to {self.window_peak}")
         lines.append(f"  elapsed {self.elapsed_s:.1f}s, {rate:.0f} objects/s")
@@ -216,6 +239,14 @@ class Reporter:
                      "window %d", stats.finished, stats.copied, stats.rows_rewritten,
                      stats.failed, stats.finished / elapsed if elapsed else 0,
                      self.window.size if self.window is not None else 0)
+
+    def changed(self, item: Item, what: str, stats: Stats) -> None:
+        """--delete-source found the source replaced after its copy (deleting.py)."""
+        if self.report:
+            self.report.writerow([item.src.key, item.dest_key, CHANGED, item.rows, what])
+        n = stats.changed_since_copy
+        log.warning("changed since copy: %s: %s", item.src.key, what,
+                    extra={"terminal": n <= TERMINAL_LINES})
 
     def per_object(self, level: int, item: Item, msg: str, *args) -> None:
         """One line per object: all of them to --log-file, the first TERMINAL_LINES of each

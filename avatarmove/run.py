@@ -22,9 +22,10 @@ from typing import Iterable, Iterator
 from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError,
                                  NoCredentialsError, PartialCredentialsError)
 
-from . import copying
-from .copying import Engine, Paced, copy_answered, copy_confirmed, describe_error, make_engine
+from . import copying, references
+from .copying import Engine, Paced, copy_answered, describe_error, make_engine
 from .database import Database
+from .deleting import Deleter, source_versioning, versioning_warning
 from .journal import ensure_journal
 from .lock import take as take_lock
 from .listing import Listing, Obj, check_manifest, listed, read_manifest
@@ -93,7 +94,6 @@ class Migration:
         self.retries: list[tuple[float, int, Item]] = []  # (due, seq, item), a heap
         self.retry_seq = 0
         self.batch: list[Item] = []
-        self.deletes: list[Item] = []
         self.last_flush = self.clock()
         self.executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="check")
         self.streak = Streak()  # copies failing with errors a rerun cannot cure
@@ -101,6 +101,9 @@ class Migration:
         # Writing rows blocks on the database: a thread of its own, so copies go on meanwhile.
         self.db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
         self.writes: deque[Future] = deque()
+        self.deleter = (Deleter(s3, engine, db, cfg, stats, reporter,
+                                lambda fn, *args: self.db_thread.submit(fn, *args).result())
+                        if cfg.delete_source and not cfg.dry_run else None)
 
     def run(self, items: Iterable[Item]) -> None:
         # The row plan (a scan into a snapshot, or an index build) is the database
@@ -122,8 +125,8 @@ class Migration:
             self.wait_in_flight()
             self.flush()
             self.collect_rows(wait=True)
-            if self.deletes:
-                self.delete_sources()
+            if self.deleter:
+                self.deleter.flush()
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.engine.close()
@@ -314,41 +317,10 @@ class Migration:
             if i.action != COPIED:
                 i.action = ROWS_ONLY if i.rows else SKIPPED
             self.finish(i)
-            if cfg.delete_source and not cfg.dry_run:
-                self.consider_delete(i)
-        if len(self.deletes) >= 1000:
-            self.delete_sources()
-
-    def consider_delete(self, item: Item) -> None:
-        if item.verified or copy_confirmed(self.s3, self.cfg, item):
-            self.deletes.append(item)
-        else:
-            log.warning("kept source %s: its copy could not be verified (size or ETag "
-                        "differs)", item.src.key)
-
-    def delete_sources(self) -> None:
-        """A source goes only once its copy is confirmed and no row points at it."""
-        work, self.deletes = self.deletes, []
-        for start in range(0, len(work), 1000):
-            chunk = work[start:start + 1000]
-            still = self.db_thread.submit(self.db.referenced,
-                                          [i.src.key for i in chunk]).result()
-            for i in chunk:
-                if i.src.key in still:
-                    log.warning("kept source %s: a row points at it again (changed during the "
-                                "run); a rerun rewrites it and then deletes the source", i.src.key)
-            chunk = [i for i in chunk if i.src.key not in still]
-            if not chunk:
-                continue
-            try:
-                resp = self.s3.delete_objects(Bucket=self.cfg.source_bucket, Delete={
-                    "Objects": [{"Key": i.src.key} for i in chunk], "Quiet": True})
-                errors = resp.get("Errors", [])
-            except (ClientError, BotoCoreError) as exc:
-                errors = [{"Key": i.src.key, "Message": describe_error(exc)} for i in chunk]
-            for e in errors:
-                log.error("could not delete source %s: %s", e.get("Key"), e.get("Message"))
-            self.stats.deleted += len(chunk) - len(errors)
+            if self.deleter:
+                self.deleter.add(i)
+        if self.deleter and self.deleter.due:
+            self.deleter.flush()
 
 
 def work(engine: Paced, cfg: Settings, stop: threading.Event) -> Iterator[Item]:
@@ -380,6 +352,16 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
     # this destination listing and are copied again, with the same content.
     items = work(pages, cfg, stop)
     preflight(s3, db, cfg)
+    hidden = references.hidden_rows(db)
+    if hidden and cfg.delete_source:
+        # A source only rows it cannot see still name would be deleted under them.
+        raise UsageError(f"--delete-source refused: {hidden}; or run without --delete-source")
+    if hidden:
+        log.warning("%s: rows it cannot see are not rewritten", hidden)
+    if cfg.delete_source:
+        warning = versioning_warning(cfg, source_versioning(s3, cfg.source_bucket))
+        if warning:
+            log.warning("%s", warning)
     if not cfg.dry_run:  # a dry run only reads, and may run beside a real run
         db.check_writable()
         take_lock(db)
@@ -388,7 +370,7 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
              "dry run" if cfg.dry_run else "run", run_id,
              cfg.source_bucket, cfg.source_prefix, cfg.dest_bucket, cfg.dest_prefix, cfg.workers,
              engine.name, f", shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "")
-    stats = Stats()
+    stats = Stats(hidden_rows=hidden)
     reporter = Reporter(cfg, quiet)
     if reporter.bar is not None and not cfg.manifest:
         count_in_background(pages, cfg, reporter, stop)
@@ -418,6 +400,7 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
         interrupted = stop.is_set()
         if not interrupted:
             stats.rows_left_under_source, stats.rows_outside = db.table_counts()
+            stats.rows_other_forms = references.other_form_rows(db)
             if cfg.dry_run:  # the plan: what a real run would leave under the source prefix
                 stats.rows_left_under_source -= stats.rows_rewritten
     finally:

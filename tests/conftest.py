@@ -14,13 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
 import pytest
 from psycopg2 import sql
-from psycopg2.extensions import parse_dsn
+from psycopg2.extensions import make_dsn, parse_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -498,3 +499,29 @@ def migrated(run, s3, db, capsys, names=("a", "b", "c"), paths=None) -> str:
     insert_rows(db, [f"image/{n}.png" for n in names] if paths is None else paths)
     assert run() == 0
     return summary(capsys.readouterr().out)["run_id"]
+
+
+@contextlib.contextmanager
+def role_dsn(conn, dsn: str, *statements: str, name: str = "mover"):
+    """A new login role for one test (roles are cluster-wide: a unique name, dropped
+    after) and a DSN that logs in as it. `statements` run as the admin first, with
+    {role} standing for the role's name: "GRANT SELECT, UPDATE ON avatars TO {role}"."""
+    role = f"{name}_{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex  # for a TEST_DATABASE_URL server that asks for one
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(role)),
+                    (password,))
+        for statement in statements:
+            cur.execute(statement.format(role=role))
+    try:
+        yield make_dsn(dsn, user=role, password=password), role
+    finally:
+        with conn.cursor() as cur:
+            # A backend of the role that is still exiting drops its temp tables while
+            # REASSIGN OWNED reads them ("could not open relation with OID").
+            def gone():
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,))
+                return cur.fetchone()[0] == 0
+            wait_until(gone, f"the sessions of role {role} to end", timeout=30)
+            cur.execute(sql.SQL("REASSIGN OWNED BY {0} TO current_user; DROP OWNED BY {0}; "
+                                "DROP ROLE {0}").format(sql.Identifier(role)))

@@ -28,6 +28,8 @@ Targeted faults:
                   model.refuse(request) -> (status, code, message) or None, before
                   forwarding; model.rewrite(request, status, headers, data) -> (headers,
                   data), after. request is a Request (method, bucket, key, query, headers).
+  intercept       intercept(handler, body) -> bool: answers a request itself when it
+                  returns True (an S3 behaviour moto does not model: see s3conditions.py)
 """
 from __future__ import annotations
 
@@ -89,8 +91,9 @@ class FaultProxy:
                  modes: tuple[str, ...] = MODES, fail_copy_keys: tuple[str, ...] = (),
                  latency: float = 0.0, operations: tuple[str, ...] | None = None,
                  fail_first: dict[str, int] | None = None, max_key_bytes: int | None = None,
-                 deny_after: dict[str, int] | None = None, model=None):
+                 deny_after: dict[str, int] | None = None, model=None, intercept=None):
         parts = urlsplit(upstream)
+        self.intercept = intercept
         self.upstream = (parts.hostname, parts.port)
         self.rate, self.modes, self.latency = rate, modes, latency
         self.fail_copy_keys = set(fail_copy_keys)
@@ -240,6 +243,8 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
+                if proxy.intercept is not None and proxy.intercept(self, body):
+                    return
                 operation, bucket_key = self._operation()
                 mode = proxy._decide(operation, bucket_key)
                 if operation == "CopyObject" and proxy.stall_copies.is_set():
