@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import re
 
-from conftest import (DEST, OTHER, PNG, body, insert_rows, journal, migrated, put, snapshot,
-                      summary, table_exists)
+from conftest import (DEST, OTHER, PNG, SOURCE, body, insert_rows, journal, migrated, put,
+                      role_dsn, snapshot, summary, table_exists)
 
 
 # --------------------------------------------------------------------------- --verify
@@ -57,3 +57,47 @@ def test_verify_names_each_kind_of_problem(run, s3, db, capsys):
     assert any(p.startswith("MISMATCH: avatar/c.png ") and "image/c.png" in p
                for p in problems), out
     assert re.search(r"3 problem\(s\): DANGLING-ROW 1, MISMATCH 1, NOT-REWRITTEN 1", out), out
+
+
+# --------------------------------------------------------------------------- rows the run left
+
+
+def test_verify_finds_rows_under_the_source_prefix_whose_object_is_gone(run, s3, db, capsys):
+    """A source deleted while a row still pointed at it (by hand, or by a run that
+    could not see the row): the row dangles under the source prefix."""
+    migrated(run, s3, db, capsys, names=("a", "b"))
+    put(s3, "image/c.png")
+    insert_rows(db, ["image/c.png", "image/c.png"])
+    s3.delete_object(Bucket=SOURCE, Key="image/c.png")
+
+    assert run("--verify") == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^DANGLING-ROW: 2 row\(s\) point at image/c\.png, which does not exist in "
+                     r"s3://legacy-s3$", out, re.M), out
+    assert "1 problem(s): DANGLING-ROW 1" in out
+
+
+def test_verify_finds_rows_naming_a_gone_source_in_another_form(run, s3, db, capsys):
+    migrated(run, s3, db, capsys, names=("a",))
+    put(s3, "image/kept.png")
+    put(s3, "avatar/kept.png", bucket=DEST)
+    insert_rows(db, ["https://legacy-s3.s3.amazonaws.com/image/kept.png?v=2",
+                     "/image/gone.png", "https://cdn.example.com/legacy-s3/image/gone.png"])
+
+    assert run("--verify") == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^DANGLING-ROW: 2 row\(s\) name image/gone\.png \(as '.*'\), which does "
+                     r"not exist in s3://legacy-s3$", out, re.M), out
+    assert "kept.png" not in out  # the object it names exists
+    assert "1 problem(s): DANGLING-ROW 1" in out
+
+
+def test_verify_as_a_role_that_cannot_see_every_row_is_not_clean(run, s3, db, dsn, capsys):
+    migrated(run, s3, db, capsys, names=("a", "b"))
+    with role_dsn(db, dsn, "GRANT SELECT ON avatars TO {role}",
+                  "ALTER TABLE avatars ENABLE ROW LEVEL SECURITY",
+                  "CREATE POLICY only_a ON avatars USING (path = 'avatar/a.png')") as (reader, _):
+        assert run("--db", reader, "--verify") == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^INCOMPLETE: row-level security on avatars applies to role .*only_a.*"
+                     r"the rows it cannot see were not checked$", out, re.M), out
