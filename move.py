@@ -17,7 +17,7 @@ import sys
 
 import psycopg2
 from botocore.exceptions import (BotoCoreError, ClientError, NoCredentialsError,
-                                 PartialCredentialsError)
+                                 PartialCredentialsError, ProfileNotFound)
 
 from avatarmove.copying import (S3RequestError, aws_session, describe_error, error_code,
                                 make_s3_client)
@@ -52,11 +52,17 @@ def main(argv: list[str] | None = None) -> int:
             return rollback(s3, cfg, args.rollback)
         return run_migration(s3, cfg, args.quiet, interrupt.event, session)
     except UsageError as exc:
-        print(f"move.py: error: {exc}", file=sys.stderr)
+        read = getattr(args, "env_file_read", None)  # a setting may have come from there
+        print(f"move.py: error: {exc}" + (f" (settings read from {read})" if read else ""),
+              file=sys.stderr)
         return EXIT_USAGE
     except (NoCredentialsError, PartialCredentialsError):
         print("move.py: error: no AWS credentials found; set AWS_PROFILE or AWS_ACCESS_KEY_ID "
               "and AWS_SECRET_ACCESS_KEY (see .env.example)", file=sys.stderr)
+        return EXIT_USAGE
+    except ProfileNotFound as exc:  # settings_from checks first; this is the backstop
+        print(f"move.py: error: AWS_PROFILE: {exc}; set it to a profile that exists "
+              "(aws configure list-profiles) or unset it", file=sys.stderr)
         return EXIT_USAGE
     except LockLost as exc:
         print(f"move.py: error: {exc}", file=sys.stderr)

@@ -88,18 +88,29 @@ def _upgrade(cur, journal: sql.Identifier) -> None:
 # ---------------------------------------------------------------- rollback's SQL
 
 
-def latest_run(cur, journal: sql.Identifier) -> str | None:
-    cur.execute(sql.SQL("SELECT run_id FROM {} WHERE rolled_back_at IS NULL "
-                        "ORDER BY at DESC, id DESC LIMIT 1").format(journal))
-    row = cur.fetchone()
-    return row[0] if row else None
+def journal_runs(cur, journal: sql.Identifier) -> list[dict]:
+    """Every run in the journal, latest first: what it rewrote and what of it is
+    not rolled back yet. An absent journal (nothing ever rewritten) has no runs."""
+    if not _exists(cur, journal):
+        return []
+    cur.execute(sql.SQL("""
+        SELECT run_id, min(at), count(*), coalesce(sum(rows), 0),
+               count(*) FILTER (WHERE rolled_back_at IS NULL),
+               coalesce(sum(rows) FILTER (WHERE rolled_back_at IS NULL), 0),
+               max(rolled_back_at)
+        FROM {} GROUP BY run_id ORDER BY min(at) DESC, max(id) DESC""").format(journal))
+    return [{"run_id": r, "at": at.isoformat(), "keys": keys, "rows": int(rows),
+             "keys_left": keys_left, "rows_left": int(rows_left),
+             "rolled_back_at": back.isoformat() if back and not keys_left else None}
+            for r, at, keys, rows, keys_left, rows_left, back in cur.fetchall()]
 
 
-def run_entries(cur, journal: sql.Identifier, run: str) -> list[tuple[str, str]]:
-    """(old, new) keys a run rewrote and that are not rolled back yet."""
-    cur.execute(sql.SQL("SELECT DISTINCT old_path, new_path FROM {} WHERE run_id = %s "
-                        "AND rolled_back_at IS NULL").format(journal), (run,))
-    return cur.fetchall()
+def run_entries(cur, journal: sql.Identifier, run: str) -> list[tuple[str, str, int]]:
+    """(old, new, rows) of the keys a run rewrote that are not rolled back yet."""
+    cur.execute(sql.SQL("SELECT old_path, new_path, sum(rows) FROM {} WHERE run_id = %s "
+                        "AND rolled_back_at IS NULL GROUP BY old_path, new_path "
+                        "ORDER BY old_path").format(journal), (run,))
+    return [(old, new, int(n)) for old, new, n in cur.fetchall()]
 
 
 def undo(cur, db, run: str, olds: list[str]) -> int:

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .planning import SKIP_ARCHIVED, SKIP_KEY_TOO_LONG, SKIP_SSE_C, Item
-from .settings import Settings
+from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Settings
 
 log = logging.getLogger("move")
 
@@ -29,9 +29,22 @@ ACTION_COUNTERS = {COPIED: "copied", ROWS_ONLY: "rows_only", SKIPPED: "skipped",
                    CONFLICT: "conflicts", FAILED: "failed", ARCHIVED: "archived",
                    KEY_TOO_LONG: "key_too_long", SSE_C: "sse_c"}
 
+# --json's layout, documented in docs/json.md and docs/summary.schema.json. Raised when
+# a field is renamed, removed or changes meaning; new fields do not raise it.
+SCHEMA_VERSION = 1
+
+# A dry run changed nothing: its counters say what a run would do, under names that
+# cannot be read as done. (deleted has no counterpart: a dry run deletes nothing.)
+DRY_RUN_NAMES = {"copied": "would_copy", "rows_only": "would_rewrite_rows_only",
+                 "rows_rewritten": "would_rewrite_rows"}
+
 # Per-object lines of one kind that reach the terminal; the rest go only to --report
 # and --log-file. Thousands of identical lines hide the one line that matters.
 TERMINAL_LINES = 20
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 @dataclass
@@ -122,8 +135,58 @@ class Summary:
                    sources_kept=stats.sources_kept, rows_other_forms=stats.rows_other_forms,
                    hidden_rows=stats.hidden_rows)
 
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        # A dry run shows conflicts and uncopyable objects in its counts, and exits 0.
+        incomplete = self.failed or self.stopped or (not self.dry_run and (
+            self.conflicts or self.archived or self.key_too_long or self.sse_c))
+        return EXIT_FAILED if incomplete else EXIT_OK
+
+    def verdict(self) -> str | None:
+        """The last line of a run that did not finish: what happened, what to do."""
+        if self.stopped:
+            return f"error: {self.stopped}"
+        if self.interrupted:
+            return ("interrupted: the copies in flight were finished and their rows written "
+                    "(every row points at an object that exists); rerun the same command to "
+                    "resume")
+        parts = []
+        if self.failed:
+            codes = ", ".join(f"{code} {n}" for code, n in self.failed_by_code.items())
+            what = plural(self.failed, "copy", "copies") + " failed"
+            parts.append(f"{what} ({codes}): a rerun retries them" if codes else
+                         f"{what}: a rerun retries them")
+        if not self.dry_run:
+            if self.conflicts:
+                parts.append(f"{plural(self.conflicts, 'conflict')}: the destination object "
+                             "exists with other content and was left alone; compare (--report "
+                             "lists them), then rerun with --overwrite to replace them")
+            if self.archived:
+                parts.append(f"{plural(self.archived, 'object')} archived: restore them "
+                             "(aws s3api restore-object), then rerun")
+            if self.key_too_long:
+                parts.append(f"{plural(self.key_too_long, 'key')} too long for the "
+                             "destination: rename those objects or choose a shorter --dest-prefix")
+            if self.sse_c:
+                parts.append(f"{plural(self.sse_c, 'object')} encrypted with a customer key "
+                             "(SSE-C): copy them with their key, or have them re-encrypted "
+                             "with SSE-S3 or SSE-KMS, then rerun")
+        if not parts:
+            return None
+        return ("incomplete: " + "; ".join(parts) + ". Their rows still point at their sources, "
+                "which exist")
+
+    def to_dict(self) -> dict:
+        d = {"schema_version": SCHEMA_VERSION, "mode": "dry-run" if self.dry_run else "run",
+             **dataclasses.asdict(self), "exit_code": self.exit_code(),
+             "verdict": self.verdict()}
+        if self.dry_run:
+            d = {DRY_RUN_NAMES.get(k, k): v for k, v in d.items() if k != "deleted"}
+        return d
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=False)
+        return json.dumps(self.to_dict(), sort_keys=False)
 
     def to_text(self, cfg: Settings) -> str:
         finished = (self.copied + self.rows_only + self.skipped + self.conflicts + self.failed
@@ -176,6 +239,79 @@ class Summary:
         if self.stopped:
             lines.append(f"  {self.stopped}")
         return "\n".join(lines)
+
+
+@dataclass
+class RollbackSummary:
+    """What --rollback restores (or would): shown before it changes anything, then
+    the outcome; `--json` prints to_json()."""
+    dry_run: bool
+    run_id: str
+    run_at: str
+    keys: int  # keys of the run not rolled back yet
+    restorable_keys: int  # of those, the ones whose source object still exists
+    restorable_rows: int  # rows the journal has for them: at most this many are restored
+    refused: int
+    refused_keys: list[dict]
+    runs: list[dict]  # every run in the journal, latest first
+    source_bucket: str
+    dest_bucket: str
+    rows_restored: int | None = None
+    exit_code: int = EXIT_OK
+
+    def preview_text(self) -> str:
+        lines = [f"Rollback of run {self.run_id} (rewrote rows at {self.run_at}): "
+                 f"{self.restorable_keys} key(s), up to {self.restorable_rows} row(s) to restore; "
+                 f"{self.refused} key(s) refused"]
+        if self.dry_run:
+            lines.append("Runs in the journal, latest first:")
+            for r in self.runs[:TERMINAL_LINES]:
+                state = (f"rolled back {r['rolled_back_at']}" if r["rolled_back_at"] else
+                         f"{r['rows_left']} row(s) to restore")
+                lines.append(f"  {r['run_id']}  {r['at']}  {r['keys']:>9} key(s) "
+                             f"{r['rows']:>9} row(s)  {state}")
+            if len(self.runs) > TERMINAL_LINES:
+                lines.append(f"  and {len(self.runs) - TERMINAL_LINES} earlier runs (all in "
+                             "--json)")
+        for k in self.refused_keys[:TERMINAL_LINES]:
+            lines.append(f"REFUSED: {k['dest_key']} stays: its source {k['source_key']} no "
+                         f"longer exists in s3://{self.source_bucket}")
+        if self.refused > TERMINAL_LINES:
+            lines.append(f"REFUSED: and {self.refused - TERMINAL_LINES} more (every one is in "
+                         "--json)")
+        return "\n".join(lines)
+
+    def to_text(self) -> str:
+        if self.dry_run:
+            return (f"Dry run: nothing was changed. Rollback of run {self.run_id} would restore "
+                    f"up to {self.restorable_rows} row(s) for {self.restorable_keys} key(s); "
+                    f"{self.refused} key(s) refused.")
+        return (f"Rollback of run {self.run_id}: {self.rows_restored} row(s) restored for "
+                f"{self.restorable_keys} key(s); {self.refused} key(s) refused. Copies in "
+                f"s3://{self.dest_bucket} were left in place.")
+
+    def verdict(self) -> str | None:
+        if not self.refused or self.dry_run:
+            return None
+        return (f"rollback of run {self.run_id} incomplete: {self.refused} key(s) keep their "
+                f"new paths, their sources are gone from s3://{self.source_bucket} (the copies "
+                f"in s3://{self.dest_bucket} still serve them); restore those source objects, "
+                f"then run --rollback {self.run_id} again")
+
+    def to_dict(self) -> dict:
+        d = {"schema_version": SCHEMA_VERSION, "mode": "rollback", "dry_run": self.dry_run,
+             "run_id": self.run_id, "run_at": self.run_at, "keys": self.keys,
+             "restorable_keys": self.restorable_keys}
+        if self.dry_run:
+            d["would_restore_rows"] = self.restorable_rows
+        else:
+            d["rows_restored"] = self.rows_restored
+        d.update(refused=self.refused, refused_keys=self.refused_keys, runs=self.runs,
+                 exit_code=self.exit_code, verdict=self.verdict())
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
 
 
 class Reporter:

@@ -35,7 +35,7 @@ from .identity import sse_c_refused
 from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, sse_c,
                        wanted)
 from .report import COPIED, FAILED, ROWS_ONLY, SKIPPED, Reporter, Stats, Summary
-from .settings import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Settings, UsageError
+from .settings import EXIT_INTERRUPTED, Settings, UsageError
 
 log = logging.getLogger("move")
 
@@ -366,10 +366,11 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
         db.check_writable()
         take_lock(db)
         ensure_journal(db)
-    log.info("%s %s: s3://%s/%s -> s3://%s/%s, %d workers, %s engine%s",
+    log.info("%s %s: s3://%s/%s -> s3://%s/%s, %d workers, %s engine%s; settings from %s",
              "dry run" if cfg.dry_run else "run", run_id,
              cfg.source_bucket, cfg.source_prefix, cfg.dest_bucket, cfg.dest_prefix, cfg.workers,
-             engine.name, f", shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "")
+             engine.name, f", shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "",
+             settings_source(cfg))
     stats = Stats(hidden_rows=hidden)
     reporter = Reporter(cfg, quiet)
     if reporter.bar is not None and not cfg.manifest:
@@ -411,14 +412,15 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
     text = summary.to_text(cfg)
     log.debug("summary:\n%s", text)  # the log file keeps it too
     print(summary.to_json() if cfg.json else text, flush=True)
-    if stats.stopped:  # once, last, where a person looks; the summary has it too
-        print(f"move.py: error: {stats.stopped}", file=sys.stderr, flush=True)
-    if interrupted:
-        return EXIT_INTERRUPTED
-    # A dry run shows conflicts and uncopyable objects in its counts, and exits 0.
-    incomplete = stats.failed or stats.stopped or (not cfg.dry_run and (
-        stats.conflicts or stats.archived or stats.key_too_long or stats.sse_c))
-    return EXIT_FAILED if incomplete else EXIT_OK
+    verdict = summary.verdict()
+    if verdict:  # once, last, where a person looks: what happened, what to do
+        print(f"move.py: {verdict}", file=sys.stderr, flush=True)
+    return summary.exit_code()
+
+
+def settings_source(cfg: Settings) -> str:
+    return f"{cfg.env_file}, the environment and flags" if cfg.env_file else \
+        "the environment and flags (no .env read)"
 
 
 def count_in_background(engine: Paced, cfg: Settings, reporter: Reporter,

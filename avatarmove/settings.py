@@ -60,6 +60,7 @@ class Settings:
     engine: str = "auto"
     json: bool = False
     max_rate: float | None = None
+    env_file: str | None = None  # the .env file read, by full path
 
 
 def normalize_prefix(prefix: str) -> str:
@@ -111,8 +112,11 @@ def positive_number(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: a prefix of a flag is an error, not that flag. Abbreviations
+    # would make `--del` mean --delete-source, and a later flag sharing the prefix
+    # would silently change what an old command line does.
     p = Parser(
-        prog="move.py",
+        prog="move.py", allow_abbrev=False,
         description="Copy image/**.png from the legacy bucket to avatar/** in the production "
                     "bucket (server-side), then rewrite the database rows that point at them. "
                     "Safe to interrupt and rerun: it resumes.",
@@ -132,13 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--table", help="env DB_TABLE (default avatars; schema.table allowed)")
     g.add_argument("--column", help="env DB_PATH_COLUMN (default path)")
     g = p.add_argument_group("what")
+    g.add_argument("--dry-run", action="store_true",
+                   help="change nothing; print the plan (to copy, rows only, done, conflicts); "
+                        "with --rollback, what it would restore")
     m = g.add_mutually_exclusive_group()
-    m.add_argument("--dry-run", action="store_true",
-                   help="change nothing; print the plan (to copy, rows only, done, conflicts)")
     m.add_argument("--verify", action="store_true",
                    help="read-only check of buckets and table; exit 0 only when clean")
-    m.add_argument("--rollback", nargs="?", const="latest", metavar="RUN",
-                   help="restore the old paths written by run RUN (default: the latest run)")
+    m.add_argument("--rollback", nargs="?", const="", metavar="RUN",
+                   help="restore the old paths written by run RUN: a run id, or 'latest' (the "
+                        "latest run that rewrote rows; refused once it is rolled back)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace destination objects whose content differs (default: conflict)")
     g.add_argument("--delete-source", action="store_true",
@@ -182,15 +188,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the summary as one JSON object on stdout instead of text")
     g.add_argument("-q", "--quiet", action="store_true",
                    help="no progress, only warnings, errors and the summary")
-    g.add_argument("--env-file", metavar="PATH", default=".env",
-                   help="read settings from this file (default .env; missing is fine)")
+    g.add_argument("--env-file", metavar="PATH",
+                   help="read settings from this file (default: .env in the current directory, "
+                        "if there is one)")
     return p
+
+
+def check_output_path(flag: str, path: str | None) -> None:
+    """A file the run will write, checked before anything changes: found unwritable
+    only when it is opened, the run would stop after taking the lock."""
+    if not path:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a directory; give the path of a file")
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist; create it or "
+                         "choose another path")
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: not writable by this user; choose another path")
+
+
+def check_aws_profile() -> None:
+    """A named profile that is in neither AWS file fails the first S3 request with
+    ProfileNotFound; found here, it is a setting to fix (exit 2), not a fault."""
+    import botocore.session
+
+    core = botocore.session.Session()
+    name = core.get_config_variable("profile")
+    if not name or name in core.available_profiles:
+        return
+    var = next((v for v in ("AWS_DEFAULT_PROFILE", "AWS_PROFILE") if os.environ.get(v) == name),
+               "AWS_PROFILE")
+    files = " or ".join(os.path.expanduser(core.get_config_variable(c))
+                        for c in ("config_file", "credentials_file"))
+    raise UsageError(f"{var}={name!r} names no profile in {files}; set it to one that exists "
+                     f"(aws configure list-profiles) or unset it")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     from dotenv import dotenv_values
 
-    file_values = dotenv_values(args.env_file) if os.path.exists(args.env_file) else {}
+    if args.env_file and not os.path.isfile(args.env_file):
+        raise UsageError(f"--env-file {args.env_file}: no such file")
+    env_file = args.env_file or ".env"
+    file_values = {}
+    args.env_file_read = None  # by full path: a run from another directory reads another .env
+    if os.path.isfile(env_file):
+        file_values = dotenv_values(env_file)
+        args.env_file_read = os.path.abspath(env_file)
     # boto3 reads its own variables from the environment; .env must reach it too.
     for name, value in file_values.items():
         if name.startswith("AWS_") and value is not None:
@@ -212,6 +258,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
     values["dest_prefix"] = normalize_prefix(values["dest_prefix"])
     if args.manifest and not os.path.isfile(args.manifest):
         raise UsageError(f"manifest {args.manifest} does not exist")
+    if args.rollback == "":
+        raise UsageError("--rollback needs the run to undo: a run id, or 'latest'; "
+                         "`--rollback latest --dry-run` shows the runs and changes nothing")
+    if args.dry_run and args.verify:
+        raise UsageError("--dry-run is not allowed with --verify: --verify changes nothing "
+                         "already")
+    check_output_path("--report", args.report)
+    check_aws_profile()
     return Settings(
         **values, workers=args.workers, batch_size=args.batch_size,
         max_attempts=args.max_attempts, retry_mode=args.retry_mode, overwrite=args.overwrite,
@@ -219,10 +273,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         shard=parse_shard(args.shard) if args.shard else None, manifest=args.manifest,
         report=args.report, multipart_threshold=args.multipart_threshold,
         multipart_chunksize=max(args.multipart_chunksize, 5 * 1024 ** 2),
-        progress=not args.quiet, engine=args.engine, json=args.json, max_rate=args.max_rate)
+        progress=not args.quiet, engine=args.engine, json=args.json, max_rate=args.max_rate,
+        env_file=args.env_file_read)
 
 
 def setup_logging(quiet: bool, log_file: str | None) -> None:
+    check_output_path("--log-file", log_file)
     log.handlers.clear()
     log.setLevel(logging.DEBUG)
     log.propagate = False

@@ -1,6 +1,8 @@
 """Verify: a read-only reconciliation of both buckets and the table, one line per problem."""
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from collections import Counter
 
@@ -10,8 +12,10 @@ from .database import Database
 from .identity import NeedsCustomerKey, described, identical
 from .listing import Listing, listed
 from .planning import CHECK, CONFLICT, COPY, DONE, plan
-from .run import preflight
+from .run import preflight, settings_source
 from .settings import EXIT_FAILED, EXIT_OK, Settings
+
+log = logging.getLogger("move")
 
 
 class Problems:
@@ -31,6 +35,7 @@ class Problems:
 def verify(s3, cfg: Settings) -> int:
     db = Database(cfg, "verify", readonly=True)
     preflight(s3, db, cfg)
+    log.info("verify: settings from %s", settings_source(cfg))
     if db.plan_name == "snapshot":
         db.build_snapshot()
     problem = Problems()
@@ -44,7 +49,25 @@ def verify(s3, cfg: Settings) -> int:
     db.close()
     print(f"Verify: {checked} source PNGs and {rows} rows checked; {problem.line()}",
           flush=True)
+    if problem.counts:
+        print(f"move.py: {verdict(problem.counts)}", file=sys.stderr, flush=True)
     return EXIT_OK if not problem.counts else EXIT_FAILED
+
+
+# What to do about each kind of problem, for the verdict line.
+REMEDY = {
+    "MISSING-COPY": "a run copies them",
+    "NOT-REWRITTEN": "a run rewrites them",
+    "MISMATCH": "compare them; a run with --overwrite replaces the copies",
+    "DANGLING-ROW": "a run copies the object again where its source exists; else restore it",
+}
+
+
+def verdict(counts: Counter) -> str:
+    total = sum(counts.values())
+    what = "; ".join(f"{kind} {n}: {REMEDY.get(kind, 'see the lines above')}"
+                     for kind, n in sorted(counts.items()))
+    return f"verify found {total} problem(s): {what}"
 
 
 def check_objects(s3, db: Database, cfg: Settings, problem: Problems) -> int:

@@ -264,7 +264,7 @@ def test_read_only_database_stops_before_the_first_copy_but_dry_run_works(run, s
     # (no temp table possible there: it looks rows up by value).
     assert run("--db", read_only(dsn), "--dry-run", "--json") == 0
     plan = json.loads(capsys.readouterr().out)
-    assert (plan["copied"], plan["rows_rewritten"]) == (len(names), len(names))
+    assert (plan["would_copy"], plan["would_rewrite_rows"]) == (len(names), len(names))
     assert copy_requests == [] and keys(s3, DEST) == [] and rows(db) == names
 
 

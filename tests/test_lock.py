@@ -141,10 +141,10 @@ def test_rollback_takes_the_lock_too(run, s3, db, dsn, capsys):
     assert run() == 0
     capsys.readouterr()
     with held_by_another_run(db, dsn):
-        assert run("--rollback") == 2
+        assert run("--rollback", "latest") == 2
         assert holder_named(one_line(capsys.readouterr().err), *OTHER_RUN)
         assert rows(db) == moved(names)
-    assert run("--rollback") == 0
+    assert run("--rollback", "latest") == 0
     assert rows(db) == names
 
 

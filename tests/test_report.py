@@ -71,12 +71,14 @@ def test_summary_of_takes_the_counters_of_the_run():
                   objects_without_rows=1, rows_left_under_source=0, rows_outside=2)
     d = json.loads(Summary.of(stats, settings(dry_run=True), "rid", "index", 42,
                               interrupted=False).to_json())
-    assert {k: d[k] for k in ("run_id", "dry_run", "listed", "copied", "rows_only", "skipped",
-                              "conflicts", "failed", "rows_rewritten", "objects_without_rows",
+    assert {k: d[k] for k in ("run_id", "dry_run", "listed", "would_copy",
+                              "would_rewrite_rows_only", "skipped", "conflicts", "failed",
+                              "would_rewrite_rows", "objects_without_rows",
                               "requests", "row_plan", "rows_left_under_source",
                               "rows_outside")} == {
-        "run_id": "rid", "dry_run": True, "listed": 5, "copied": 2, "rows_only": 1,
-        "skipped": 1, "conflicts": 1, "failed": 0, "rows_rewritten": 3,
+        "run_id": "rid", "dry_run": True, "listed": 5, "would_copy": 2,
+        "would_rewrite_rows_only": 1, "skipped": 1, "conflicts": 1, "failed": 0,
+        "would_rewrite_rows": 3,
         "objects_without_rows": 1, "requests": 42, "row_plan": "index",
         "rows_left_under_source": 0, "rows_outside": 2}
     assert d["elapsed_s"] >= 0

@@ -301,9 +301,12 @@ def test_conflict(overwrite, run, s3, db, capsys):
         assert body(s3, "avatar/x.png") == OTHER
         assert rows(db) == ["image/x.png", "avatar/ok.png"]
         assert (s["copied"], s["conflicts"]) == (1, 1)
-        lines = [line for line in err.splitlines() if "conflict" in line]
+        lines = [line for line in err.splitlines() if line.startswith("WARNING conflict")]
         assert len(lines) == 1 and "avatar/x.png" in lines[0], err
         assert "--overwrite" in lines[0]
+        # the last line: what happened and what to do
+        assert err.splitlines()[-1].startswith("move.py: incomplete: 1 conflict: "), err
+        assert "--overwrite" in err.splitlines()[-1]
     assert listing(s3, SOURCE).keys() == {"image/x.png", "image/ok.png"}
 
 
@@ -601,7 +604,7 @@ def test_archived_objects_are_skipped_without_a_copy(run, s3, db, capsys, copies
 
     assert run("--dry-run") == 0  # a dry run shows them, and changes nothing
     s = summary(capsys.readouterr().out)
-    assert (s["archived"], s["copied"], s["rows_only"]) == (2, 2, 1)
+    assert (s["archived"], s["would_copy"], s["would_rewrite_rows_only"]) == (2, 2, 1)
     assert copies == [] and rows(db) == paths
 
     report = tmp_path / "report.csv"
@@ -618,8 +621,11 @@ def test_archived_objects_are_skipped_without_a_copy(run, s3, db, capsys, copies
     assert actions["image/cold.png"][0] == actions["image/deep.png"][0] == "archived"
     assert "GLACIER" in actions["image/cold.png"][1]
     assert "DEEP_ARCHIVE" in actions["image/deep.png"][1]
-    lines = [line for line in err.splitlines() if "archived:" in line]
+    lines = [line for line in err.splitlines() if line.startswith("WARNING archived:")]
     assert len(lines) == 2 and all("restore" in line for line in lines), err
+    assert err.splitlines()[-1] == ("move.py: incomplete: 2 objects archived: restore them (aws "
+                                    "s3api restore-object), then rerun. Their rows still point "
+                                    "at their sources, which exist"), err
 
     copies.clear()  # a rerun does the same: nothing new to copy, still incomplete
     assert run() == 1
@@ -701,7 +707,7 @@ def test_key_too_long_is_skipped_without_a_request(run, s3, db, capsys, copies, 
 
     assert run("--dry-run") == 0
     s = summary(capsys.readouterr().out)
-    assert (s["key_too_long"], s["copied"]) == (1, 2) and copies == []
+    assert (s["key_too_long"], s["would_copy"]) == (1, 2) and copies == []
 
     assert run("--report", str(report)) == 1
     out, err = capsys.readouterr()

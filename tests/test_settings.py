@@ -94,7 +94,32 @@ BAD = {
     "max-rate-inf": (["--max-rate", "inf"], {}, {},
                      "argument --max-rate: 'inf' must be a number above 0"),
     "engine-unknown": (["--engine", "fast"], {}, {}, "argument --engine: invalid choice"),
-    "dry-run-and-verify": (["--dry-run", "--verify"], {}, {}, "not allowed with argument"),
+    "dry-run-and-verify": (["--dry-run", "--verify"], {}, {},
+                           "--dry-run is not allowed with --verify"),
+    "verify-and-rollback": (["--verify", "--rollback", "latest"], {}, {},
+                            "not allowed with argument"),
+    # a prefix of a flag is not that flag: --del must not mean --delete-source
+    "abbreviated-flag": (["--del"], {}, {}, "unrecognized arguments: --del"),
+    "abbreviated-flags": (["--over", "--worker", "8"], {}, {},
+                          "unrecognized arguments: --over --worker 8"),
+    "rollback-without-run": (["--rollback"], {}, {}, "--rollback needs the run to undo"),
+    "report-dir-missing": (["--report", "/nonexistent/dir/r.csv"], {}, {},
+                           "--report /nonexistent/dir/r.csv: directory /nonexistent/dir does "
+                           "not exist"),
+    "report-is-a-directory": (["--report", "."], {}, {}, "--report . is a directory"),
+    "log-file-dir-missing": (["--log-file", "nodir/move.log"], {}, {},
+                             "--log-file nodir/move.log: directory "),
+    "env-file-missing": (["--env-file", "missing.env"], {}, {},
+                         "--env-file missing.env: no such file"),
+    "aws-profile-missing": ([], {"AWS_PROFILE": "nope"}, {},
+                            "AWS_PROFILE='nope' names no profile in /nonexistent or "
+                            "/nonexistent"),
+    # the error names the .env it read: the bad setting may have come from there
+    "aws-profile-missing-in-dotenv": ([], {}, {".env": b"AWS_PROFILE=nope\n"},
+                                      "AWS_PROFILE='nope' names no profile"),
+    "dotenv-named-in-error": ([], {}, {".env": b"S3_SOURCE_BUCKET_NAME=no-such-legacy\n"},
+                              "source bucket 'no-such-legacy' does not exist; check the bucket "
+                              "name and AWS_ENDPOINT_URL/region (settings read from "),
     "manifest-missing": (["--manifest", "missing.csv"], {}, {},
                          "manifest missing.csv does not exist"),
     "manifest-bad-header": (["--manifest", "m.csv"], {},
@@ -125,7 +150,8 @@ BAD = {
 }
 
 # the ones a user most likely meets first, also through a real process and HTTP
-SUBPROCESS = ["no-db", "db-unreachable", "source-bucket-missing", "unknown-flag"]
+SUBPROCESS = ["no-db", "db-unreachable", "source-bucket-missing", "unknown-flag",
+              "abbreviated-flags", "aws-profile-missing-in-dotenv", "report-dir-missing"]
 
 
 def main(*args: str) -> int:
@@ -177,6 +203,8 @@ class TestBadInputInProcess:
         monkeypatch.chdir(tmp_path)
         args, env = prepare(case, tmp_path)
         monkeypatch.setenv("DB_CONN_STRING", dsn)
+        monkeypatch.setenv("AWS_PROFILE", "")  # restored after: a .env's AWS_* reach os.environ
+        monkeypatch.delenv("AWS_PROFILE")
         for name, value in env.items():
             monkeypatch.setenv(name, value)
 

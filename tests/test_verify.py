@@ -45,8 +45,12 @@ def test_verify_names_each_kind_of_problem(run, s3, db, capsys):
     before = snapshot(s3, db)
 
     assert run("--verify") == 1
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert snapshot(s3, db) == before
+    # the last line: what was found, what to do about each kind
+    assert err.splitlines()[-1].startswith("move.py: verify found 3 problem(s): DANGLING-ROW 1: "
+                                           "a run copies the object again"), err
+    assert "NOT-REWRITTEN 1: a run rewrites them" in err.splitlines()[-1]
     assert not table_exists(db, "avatars_move_journal") or len(journal(db)) == 4
     problems = [line for line in out.splitlines() if re.match(r"[A-Z-]+: ", line)]
     assert len(problems) == 3, out

@@ -48,10 +48,14 @@ def test_dry_run_writes_nothing_and_prints_the_plan(run, s3, db, capsys):
     assert not table_exists(db, "avatars_move_journal")
     s = summary(out)
     assert s["dry_run"] is True  # the text says "Dry run: nothing was changed" (test_report)
-    plan = {k: s[k] for k in ("listed", "copied", "rows_only", "skipped", "rows_rewritten",
-                              "objects_without_rows", "conflicts", "failed")}
-    assert plan == {"listed": 8, "copied": 3, "rows_only": 2, "skipped": 2,
-                    "rows_rewritten": 5, "objects_without_rows": 1, "conflicts": 1, "failed": 0}
+    # "would_*": a dry run did none of it, and no field named for what is done says so
+    assert not {"copied", "rows_only", "rows_rewritten", "deleted"} & s.keys()
+    plan = {k: s[k] for k in ("listed", "would_copy", "would_rewrite_rows_only", "skipped",
+                              "would_rewrite_rows", "objects_without_rows", "conflicts",
+                              "failed")}
+    assert plan == {"listed": 8, "would_copy": 3, "would_rewrite_rows_only": 2, "skipped": 2,
+                    "would_rewrite_rows": 5, "objects_without_rows": 1, "conflicts": 1,
+                    "failed": 0}
     # rows under image/ left without an object once the run is done: gone0, gone1, x
     assert s["rows_left_under_source"] == 3
     assert s["rows_outside"] == 2
@@ -77,7 +81,8 @@ def test_dry_run_after_a_finished_migration_has_nothing_to_do(run, s3, db, capsy
     assert run("--dry-run") == 0
     s = summary(capsys.readouterr().out)
     assert snapshot(s3, db) == before
-    assert (s["dry_run"], s["copied"], s["skipped"], s["rows_rewritten"]) == (True, 0, 1, 0)
+    assert (s["mode"], s["would_copy"], s["skipped"], s["would_rewrite_rows"]) == \
+        ("dry-run", 0, 1, 0)
 
 
 # --------------------------------------------------------------------------- --report
