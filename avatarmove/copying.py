@@ -227,11 +227,12 @@ class CrtEngine(Engine):
     """
     name = "crt"
 
-    def __init__(self, s3, connections: int, session: boto3.session.Session | None = None):
+    def __init__(self, s3, connections: int, session: boto3.session.Session | None = None,
+                 regions=None):
         from awscrt.http import HttpHeaders, HttpRequest
         from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
         from awscrt.s3 import (S3Client, S3RequestTlsMode, S3RequestType, S3RetryConfig,
-                               S3RetryMode)
+                               S3RetryMode, create_default_s3_signing_config)
 
         # kept here: an import statement in _send would run once per request
         self.headers_type, self.request_type = HttpHeaders, HttpRequest
@@ -245,6 +246,15 @@ class CrtEngine(Engine):
         # Custom endpoints (MinIO, SeaweedFS, moto) take path-style requests.
         self.virtual_hosted = url.hostname.endswith("amazonaws.com")
         self.scheme, self.netloc = url.scheme, url.netloc
+        # Buckets in another region than the client's (regions.Regions): their own
+        # host on AWS, and their own signing region everywhere.
+        self.netlocs: dict[str, str] = {}
+        self.signing: dict[str, object] = {}
+        for bucket, region in (regions.other().items() if regions is not None else ()):
+            if self.virtual_hosted:
+                self.netlocs[bucket] = regional_netloc(url.netloc, region)
+            self.signing[bucket] = create_default_s3_signing_config(
+                region=region, credential_provider=credentials)
         self.pending: dict[object, object] = {}
         elg = EventLoopGroup(1)  # one native loop thread: less contention on 2 cores
         self.client = S3Client(
@@ -262,10 +272,11 @@ class CrtEngine(Engine):
     def _send(self, method: str, bucket: str, key_path: str, query: str, headers: list,
               operation: str, reply: Reply) -> None:
         """One signed request; reply(body, failure) runs on a CRT thread."""
+        netloc = self.netlocs.get(bucket, self.netloc)
         if self.virtual_hosted and "." not in bucket:
-            host, path = f"{bucket}.{self.netloc}", "/" + key_path
+            host, path = f"{bucket}.{netloc}", "/" + key_path
         else:
-            host, path = self.netloc, f"/{bucket}" + (f"/{key_path}" if key_path else "")
+            host, path = netloc, f"/{bucket}" + (f"/{key_path}" if key_path else "")
         body: list[bytes] = []
         token = object()
 
@@ -284,6 +295,7 @@ class CrtEngine(Engine):
         # Held until done: the request must outlive this call.
         self.pending[token] = self.client.make_request(
             type=self.default_type, operation_name=operation,
+            signing_config=self.signing.get(bucket),
             request=self.request_type(method, path + (f"?{query}" if query else ""),
                                       self.headers_type([("Host", host), *headers])),
             on_body=lambda chunk, **_: body.append(chunk), on_done=on_done)
@@ -376,18 +388,34 @@ def crt_credentials(session: boto3.session.Session):
     return AwsCredentialsProvider.new_delegate(current)
 
 
+def regional_netloc(netloc: str, region: str) -> str:
+    """The S3 endpoint of `region`, in the form of the client's own AWS endpoint
+    (s3.amazonaws.com, s3.us-east-1.amazonaws.com, s3.dualstack.eu-west-1..., s3-fips...)."""
+    labels = netloc.split(".")
+    rest = labels[1:]
+    at = next((i for i, label in enumerate(rest) if label.count("-") >= 2 and label[-1].isdigit()),
+              None)
+    if at is not None:
+        rest[at] = region
+    else:  # the global endpoint (s3.amazonaws.com) names no region
+        rest.insert(0, region)
+    return ".".join([labels[0], *rest])
+
+
 def crt_throughput_target(connections: int) -> float:
     """The throughput_target_gbps that makes the CRT open `connections` connections
     (README: "What capped the CRT under latency")."""
     return max(10, connections) * CRT_GBPS_PER_CONNECTION
 
 
-def make_engine(s3, cfg: Settings, session: boto3.session.Session | None = None) -> Engine:
+def make_engine(s3, cfg: Settings, session: boto3.session.Session | None = None,
+                regions=None) -> Engine:
     """The CRT when it is installed (or asked for), boto3 otherwise. `s3` makes one
-    attempt per call (the run's RequestPath retries around the engine)."""
+    attempt per call (the run's RequestPath retries around the engine). `regions`
+    (regions.Regions): where each bucket is; the boto3 client follows it already."""
     if cfg.engine in ("auto", "crt"):
         try:
-            return CrtEngine(s3, cfg.workers, session)
+            return CrtEngine(s3, cfg.workers, session, regions)
         except ImportError:
             if cfg.engine == "crt":
                 raise UsageError("--engine crt needs the awscrt package: "

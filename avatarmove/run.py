@@ -34,6 +34,7 @@ from .incurable import ARCHIVED_CODES, Streak
 from .identity import sse_c_refused
 from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, sse_c,
                        wanted)
+from .regions import Regions, discover, route
 from .report import COPIED, FAILED, ROWS_ONLY, SKIPPED, Reporter, Stats, Summary
 from .settings import EXIT_INTERRUPTED, Settings, UsageError
 
@@ -344,14 +345,16 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
     run_id = new_run_id()
     db = Database(cfg, run_id, readonly=cfg.dry_run, stop=stop)
     pacer = s3.path.pacer
-    engine = make_engine(s3.raw, cfg, session)
+    # First: the listings below must be sent to, and signed for, each bucket's region.
+    regions = check_buckets(s3, cfg)
+    engine = make_engine(s3.raw, cfg, session, regions)
     pages = Paced(engine, s3.path)
     # Listing only reads: its first pages (and the engine's first connections) come
     # while the checks below run, instead of after them. Should another run end in
     # the moment before this one takes the lock, its last copies are missing from
     # this destination listing and are copied again, with the same content.
     items = work(pages, cfg, stop)
-    preflight(s3, db, cfg)
+    preflight(s3, db, cfg, buckets=False)
     hidden = references.hidden_rows(db)
     if hidden and cfg.delete_source:
         # A source only rows it cannot see still name would be deleted under them.
@@ -439,19 +442,14 @@ def count_in_background(engine: Paced, cfg: Settings, reporter: Reporter,
     threading.Thread(target=count, name="counter", daemon=True).start()
 
 
-def preflight(s3, db: Database | None, cfg: Settings) -> None:
+def preflight(s3, db: Database | None, cfg: Settings, buckets: bool = True) -> None:
     """Everything that can be wrong with the setup, checked before anything changes.
 
     The two buckets, the manifest and the database are checked at the same time:
     each check mostly waits on a round trip, and in a row they held up the first
-    copy by three. A failure is reported as if they had run in this order."""
-    if (cfg.source_bucket == cfg.dest_bucket and
-            (cfg.source_prefix.startswith(cfg.dest_prefix) or
-             cfg.dest_prefix.startswith(cfg.source_prefix))):
-        raise UsageError(f"source and destination overlap (s3://{cfg.source_bucket}/"
-                         f"{cfg.source_prefix} and {cfg.dest_prefix}); choose distinct prefixes")
-    checks = [lambda: check_bucket(s3, "source", cfg.source_bucket),
-              lambda: check_bucket(s3, "destination", cfg.dest_bucket)]
+    copy by three. A failure is reported as if they had run in this order.
+    `buckets=False`: check_buckets() ran already."""
+    checks = [lambda: check_buckets(s3, cfg)] if buckets else [lambda: None]
     if cfg.manifest:
         checks.append(lambda: log.info(
             "manifest %s: %d keys under %s", cfg.manifest,
@@ -462,19 +460,38 @@ def preflight(s3, db: Database | None, cfg: Settings) -> None:
     together(checks)
 
 
-def together(calls: list) -> None:
+def check_buckets(s3, cfg: Settings) -> Regions:
+    """Both buckets exist and answer; their regions, which the client follows from
+    now on (see regions.route)."""
+    if (cfg.source_bucket == cfg.dest_bucket and
+            (cfg.source_prefix.startswith(cfg.dest_prefix) or
+             cfg.dest_prefix.startswith(cfg.source_prefix))):
+        raise UsageError(f"source and destination overlap (s3://{cfg.source_bucket}/"
+                         f"{cfg.source_prefix} and {cfg.dest_prefix}); choose distinct prefixes")
+    regions = Regions(s3.meta.region_name or "us-east-1")
+    found = together([lambda: check_bucket(s3, "source", cfg.source_bucket),
+                      lambda: check_bucket(s3, "destination", cfg.dest_bucket)])
+    regions[cfg.source_bucket], regions[cfg.dest_bucket] = found
+    route(s3, regions)
+    for bucket, region in regions.other().items():
+        log.info("s3://%s is in %s: its requests are sent there", bucket, region)
+    return regions
+
+
+def together(calls: list) -> list:
     """Run the calls at once; once all have ended, re-raise the first failure in
     the order given (so the message does not depend on which answer came back
-    first)."""
+    first), else return their results in that order."""
     with ThreadPoolExecutor(len(calls), thread_name_prefix="preflight") as pool:
         futures = [pool.submit(call) for call in calls]
-    for future in futures:
-        future.result()
+    return [future.result() for future in futures]
 
 
-def check_bucket(s3, role: str, bucket: str) -> None:
+def check_bucket(s3, role: str, bucket: str) -> str:
+    """HeadBucket: the bucket exists and we may list it; returns its region."""
     try:
-        s3.head_bucket(Bucket=bucket)
+        answer = s3.head_bucket(Bucket=bucket)
+        return discover(s3, bucket, answer.get("ResponseMetadata", {}).get("HTTPHeaders"))
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchBucket", "NotFound"):

@@ -30,11 +30,21 @@ Targeted faults:
                   data), after. request is a Request (method, bucket, key, query, headers).
   intercept       intercept(handler, body) -> bool: answers a request itself when it
                   returns True (an S3 behaviour moto does not model: see s3conditions.py)
+
+As AWS answers where moto does not check (each counted in `refused`):
+  regions         {bucket: region}: a request on that bucket signed for another region
+                  is refused as S3 refuses it (400 AuthorizationHeaderMalformed naming
+                  the expected region; HeadBucket: 400 with x-amz-bucket-region)
+  requester_pays  buckets whose requests must say x-amz-request-payer: requester, else
+                  403 AccessDenied
+  strip_headers   answer headers removed (an S3-compatible server that sends fewer)
+Seen: `signed_regions` counts the region each request was signed for.
 """
 from __future__ import annotations
 
 import http.client
 import random
+import re
 import socket
 import threading
 import uuid
@@ -73,10 +83,19 @@ class Request:
     headers: dict  # lower-cased names
 
 
-def error_body(code: str, message: str, resource: str) -> bytes:
+def error_body(code: str, message: str, resource: str, extra: str = "") -> bytes:
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-            f"<Message>{message}</Message><Resource>{resource}</Resource>"
+            f"<Message>{message}</Message><Resource>{resource}</Resource>{extra}"
             f"<RequestId>{uuid.uuid4().hex[:16].upper()}</RequestId></Error>").encode()
+
+
+# The scope of a SigV4 Authorization header: Credential=AKID/20260101/eu-west-1/s3/aws4_request
+SIGNED_REGION = re.compile(r"Credential=[^/,]+/\d{8}/([^/,]+)/s3/aws4_request")
+
+
+def signed_region(authorization: str | None) -> str | None:
+    found = SIGNED_REGION.search(authorization or "")
+    return found.group(1) if found else None
 
 
 class _Server(ThreadingHTTPServer):
@@ -91,7 +110,9 @@ class FaultProxy:
                  modes: tuple[str, ...] = MODES, fail_copy_keys: tuple[str, ...] = (),
                  latency: float = 0.0, operations: tuple[str, ...] | None = None,
                  fail_first: dict[str, int] | None = None, max_key_bytes: int | None = None,
-                 deny_after: dict[str, int] | None = None, model=None, intercept=None):
+                 deny_after: dict[str, int] | None = None, model=None, intercept=None,
+                 regions: dict[str, str] | None = None, requester_pays: tuple[str, ...] = (),
+                 strip_headers: tuple[str, ...] = ()):
         parts = urlsplit(upstream)
         self.intercept = intercept
         self.upstream = (parts.hostname, parts.port)
@@ -104,6 +125,12 @@ class FaultProxy:
         self.model = model
         self.max_key_bytes = max_key_bytes  # S3 refuses longer keys (moto does not)
         self.too_long = 0
+        self.regions = dict(regions or {})
+        self.requester_pays = set(requester_pays)
+        self.refused: Counter = Counter()  # (reason, operation) -> requests refused as AWS does
+        self.payer_seen: Counter = Counter()  # operation -> requests with x-amz-request-payer
+        self.signed_regions: Counter = Counter()  # region in the signature -> requests
+        self.strip_headers = {h.lower() for h in strip_headers}
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter = Counter()       # fault mode -> times injected
@@ -241,11 +268,67 @@ class FaultProxy:
                 if self.upstream is not None:
                     self.upstream.close()
 
+            def _refuse(self, status: int, reason: str, data: bytes, headers=()) -> None:
+                self.send_response_only(status, reason)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _as_aws(self, operation: str, bucket_key: str) -> bool:
+                """Refuse what AWS refuses and moto lets through; True when answered."""
+                bucket = bucket_key.split("/", 1)[0]
+                query = urlsplit(self.path).query
+                payer = self.headers.get("x-amz-request-payer", "").lower() == "requester"
+                if payer:
+                    with proxy.lock:
+                        proxy.payer_seen[operation] += 1
+                expected = proxy.regions.get(bucket)
+                signed = signed_region(self.headers.get("Authorization"))
+                with proxy.lock:
+                    proxy.signed_regions[signed] += 1
+                # GetBucketLocation is let through: AWS answers it outside the bucket's
+                # Region too ("In other Regions, the bucket policy doesn't apply").
+                if expected and signed and signed != expected and query != "location":
+                    with proxy.lock:
+                        proxy.refused["region", operation] += 1
+                    # AWS, HeadBucket: "calls to the HeadBucket operation always return the
+                    # bucket's location through an HTTP response header, whether access to
+                    # the bucket is authorized or not", and "the HEAD request returns a
+                    # generic 400 Bad Request ... A message body is not included". Other
+                    # requests signed for the wrong Region are refused with a body naming
+                    # it: "The authorization header is malformed; the region 'us-east-1' is
+                    # wrong; expecting 'eu-west-1'", <Region>eu-west-1</Region>.
+                    message = (f"The authorization header is malformed; the region "
+                               f"'{signed}' is wrong; expecting '{expected}'")
+                    data = b"" if self.command == "HEAD" else error_body(
+                        "AuthorizationHeaderMalformed", message, "/" + bucket_key,
+                        f"<Region>{expected}</Region>")
+                    self._refuse(400, "Bad Request", data, [("x-amz-bucket-region", expected)])
+                    return True
+                if bucket in proxy.requester_pays and not payer:
+                    with proxy.lock:
+                        proxy.refused["requester-pays", operation] += 1
+                    # AWS (Downloading objects from Requester Pays buckets): "For DELETE,
+                    # GET, HEAD, POST, and PUT requests, include x-amz-request-payer :
+                    # requester in the header ... If x-amz-request-payer is not in the
+                    # request, Amazon S3 returns a 403 error".
+                    self._refuse(403, "Forbidden", error_body(
+                        "AccessDenied", "Access Denied", "/" + bucket_key),
+                        [("x-amz-bucket-region", expected)] if expected else [])
+                    return True
+                return False
+
             def _handle(self):
                 body = self._body()
                 if proxy.intercept is not None and proxy.intercept(self, body):
                     return
                 operation, bucket_key = self._operation()
+                if self._as_aws(operation, bucket_key):
+                    return
                 mode = proxy._decide(operation, bucket_key)
                 if operation == "CopyObject" and proxy.stall_copies.is_set():
                     with proxy.lock:
@@ -309,7 +392,7 @@ class FaultProxy:
                 for name, value in headers:
                     if name.lower() == "content-length":
                         length = value
-                    elif name.lower() not in HOP_BY_HOP:
+                    elif name.lower() not in HOP_BY_HOP | proxy.strip_headers:
                         self.send_header(name, value)
                 if self.command == "HEAD":
                     self.send_header("Content-Length", length or "0")
