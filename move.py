@@ -23,7 +23,7 @@ from avatarmove.copying import (S3RequestError, aws_session, describe_error, err
                                 make_s3_client)
 from avatarmove.incurable import hint, is_incurable
 from avatarmove.pacing import Pacer, RequestPath
-from avatarmove.database import what_to_fix
+from avatarmove.database import connection_lost, what_to_fix
 from avatarmove.lock import LockLost
 from avatarmove.rollback import rollback
 from avatarmove.run import Interrupt, run_migration
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"move.py: error: database: {first_line(exc)}: {fix}", file=sys.stderr)
             return EXIT_FAILED
         if interrupt.event.is_set():
-            print(f"move.py: interrupted while the database was unreachable "
+            what = "unreachable" if connection_lost(exc) else "busy (canceled)"
+            print(f"move.py: interrupted while the database was {what} "
                   f"({first_line(exc)}): the rows of the last batch stay on their sources, "
                   "whose objects still exist; rerun to resume", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -15,9 +15,10 @@ log = logging.getLogger("move")
 JOURNAL_COLUMNS = {"id", "run_id", "old_path", "new_path", "rows", "tids", "at", "rolled_back_at"}
 
 
-def journal_table(table: str) -> sql.Identifier:
-    """avatars -> avatars_move_journal, in the table's own schema."""
-    parts = table.split(".")
+def journal_table(table) -> sql.Identifier:
+    """avatars -> avatars_move_journal, in the table's own schema (table: the
+    names, schema first, or "schema.table")."""
+    parts = table.split(".") if isinstance(table, str) else list(table)
     return sql.Identifier(*parts[:-1], parts[-1] + "_move_journal")
 
 

@@ -51,7 +51,7 @@ def wanted(db, table_oid: int) -> list[tuple[int, bool]]:
 
     The table by OID: "avatars" and "public.avatars" are the same work."""
     cfg = db.cfg
-    whole = (str(table_oid), cfg.column, cfg.source_prefix, cfg.dest_prefix)
+    whole = (str(table_oid), db.column, cfg.source_prefix, cfg.dest_prefix)
     if not cfg.shard:
         return [(lock_key(*whole), False)]
     shard = f"shard {cfg.shard[0]}/{cfg.shard[1]}"
@@ -87,7 +87,7 @@ def _table_oid(cur, db) -> int:
 def _work(db) -> str:
     cfg = db.cfg
     shard = f", shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else ""
-    return f"{cfg.table}.{cfg.column} ({cfg.source_prefix} -> {cfg.dest_prefix}{shard})"
+    return f"{db.table_name}.{db.column} ({cfg.source_prefix} -> {cfg.dest_prefix}{shard})"
 
 
 def _acquire(cur, locks: list[tuple[int, bool]], name: str) -> str | None:

@@ -41,6 +41,7 @@ class Item:
     verified: bool = False
     attempts: int = 0  # copies sent for this item (the coordinator retries CRT copies)
     sent_at: float = 0.0
+    waiting_since: float = 0.0  # when its rows were first found locked by another transaction
 
 
 def in_shard(rel_key: str, shard: tuple[int, int] | None) -> bool:

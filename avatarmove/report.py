@@ -23,11 +23,15 @@ CONFLICT, FAILED = "conflict", "failed"
 # Not an outcome of the copy but a later event of --delete-source: the source was
 # replaced after its copy, so it is kept and copied again (deleting.py).
 CHANGED = "changed-since-copy"
+# Copied (or already there), but the database refused to rewrite its rows: they stay on
+# the source, whose object is kept (even with --delete-source).
+NOT_REWRITTEN = "row-not-rewritten"
 # Objects that cannot be copied as they are (planning's kinds): skipped, rows left alone.
 ARCHIVED, KEY_TOO_LONG, SSE_C = SKIP_ARCHIVED, SKIP_KEY_TOO_LONG, SKIP_SSE_C
 ACTION_COUNTERS = {COPIED: "copied", ROWS_ONLY: "rows_only", SKIPPED: "skipped",
                    CONFLICT: "conflicts", FAILED: "failed", ARCHIVED: "archived",
-                   KEY_TOO_LONG: "key_too_long", SSE_C: "sse_c"}
+                   KEY_TOO_LONG: "key_too_long", SSE_C: "sse_c",
+                   NOT_REWRITTEN: "not_rewritten"}
 
 # --json's layout, documented in docs/json.md and docs/summary.schema.json. Raised when
 # a field is renamed, removed or changes meaning; new fields do not raise it.
@@ -66,6 +70,8 @@ class Stats:
     archived: int = 0
     key_too_long: int = 0
     sse_c: int = 0
+    not_rewritten: int = 0  # objects whose rows the database refused (or kept locked)
+    not_rewritten_by_reason: Counter = field(default_factory=Counter)
     failed_by_code: Counter = field(default_factory=Counter)
     stopped: str | None = None  # why the run stopped taking work (errors a rerun cannot cure)
     changed_since_copy: int = 0  # --delete-source: sources replaced after their copy, kept
@@ -76,13 +82,16 @@ class Stats:
     @property
     def finished(self) -> int:
         return (self.copied + self.rows_only + self.skipped + self.conflicts + self.failed
-                + self.archived + self.key_too_long + self.sse_c)
+                + self.archived + self.key_too_long + self.sse_c
+                + self.not_rewritten)
 
     def count(self, item: Item) -> None:
         name = ACTION_COUNTERS[item.action]
         setattr(self, name, getattr(self, name) + 1)
         if item.action == FAILED:
             self.failed_by_code[item.code or "unknown"] += 1
+        elif item.action == NOT_REWRITTEN:
+            self.not_rewritten_by_reason[item.error] += 1
 
 
 @dataclass
@@ -111,6 +120,8 @@ class Summary:
     key_too_long: int = 0  # destination key over S3's 1,024 bytes
     sse_c: int = 0  # encrypted with a customer-provided key (SSE-C): copy with the key
     failed_by_code: dict[str, int] = field(default_factory=dict)  # S3 error code -> objects
+    not_rewritten: int = 0  # objects whose rows the database refused: rows left on the source
+    not_rewritten_by_reason: dict[str, int] = field(default_factory=dict)  # reason -> objects
     stopped: str | None = None  # set when errors a rerun cannot cure stopped the run
     changed_since_copy: int = 0  # sources replaced after their copy: kept, copied again
     sources_kept: int = 0  # sources --delete-source kept for another reason
@@ -130,6 +141,8 @@ class Summary:
                    rows_left_under_source=stats.rows_left_under_source,
                    rows_outside=stats.rows_outside, archived=stats.archived,
                    key_too_long=stats.key_too_long, sse_c=stats.sse_c,
+                   not_rewritten=stats.not_rewritten,
+                   not_rewritten_by_reason=dict(stats.not_rewritten_by_reason.most_common()),
                    failed_by_code=dict(stats.failed_by_code.most_common()),
                    stopped=stats.stopped, changed_since_copy=stats.changed_since_copy,
                    sources_kept=stats.sources_kept, rows_other_forms=stats.rows_other_forms,
@@ -140,7 +153,8 @@ class Summary:
             return EXIT_INTERRUPTED
         # A dry run shows conflicts and uncopyable objects in its counts, and exits 0.
         incomplete = self.failed or self.stopped or (not self.dry_run and (
-            self.conflicts or self.archived or self.key_too_long or self.sse_c))
+            self.conflicts or self.archived or self.key_too_long or self.sse_c
+            or self.not_rewritten))
         return EXIT_FAILED if incomplete else EXIT_OK
 
     def verdict(self) -> str | None:
@@ -172,6 +186,16 @@ class Summary:
                 parts.append(f"{plural(self.sse_c, 'object')} encrypted with a customer key "
                              "(SSE-C): copy them with their key, or have them re-encrypted "
                              "with SSE-S3 or SSE-KMS, then rerun")
+            if self.not_rewritten:
+                reasons = "; ".join(f"{why} ({n})" for why, n
+                                    in list(self.not_rewritten_by_reason.items())[:3])
+                if len(self.not_rewritten_by_reason) > 3:
+                    reasons += f"; and {len(self.not_rewritten_by_reason) - 3} other reason(s)"
+                parts.append(f"the rows of {plural(self.not_rewritten, 'object')} were not "
+                             f"rewritten: {reasons}: their objects are copied; fix what the "
+                             "database said (widen the column, clear the duplicate key, the "
+                             "trigger or policy that refuses them, or end the session holding "
+                             "them locked), then run again: it rewrites just those rows")
         if not parts:
             return None
         return ("incomplete: " + "; ".join(parts) + ". Their rows still point at their sources, "
@@ -190,7 +214,8 @@ class Summary:
 
     def to_text(self, cfg: Settings) -> str:
         finished = (self.copied + self.rows_only + self.skipped + self.conflicts + self.failed
-                    + self.archived + self.key_too_long + self.sse_c)
+                    + self.archived + self.key_too_long + self.sse_c
+                    + self.not_rewritten)
         rate = finished / self.elapsed_s if self.elapsed_s > 0 else 0.0
         title = "Dry run: nothing was changed" if self.dry_run else f"Run {self.run_id}"
         if self.stopped:  # a rerun would meet the same errors: no "rerun" here
@@ -213,6 +238,11 @@ class Summary:
             f"  SSE-C (need their key) {self.sse_c}",
             f"  failed                 {self.failed}",
         ]
+        if self.not_rewritten:
+            label = "rows would not be rewritten" if self.dry_run else "rows not rewritten"
+            lines.append(f"  {label} {self.not_rewritten} (objects; their rows stay on the "
+                         "source): " + ", ".join(f"{why} {n}" for why, n
+                                                 in self.not_rewritten_by_reason.items()))
         if self.failed_by_code:
             lines.append("  failures by code: " +
                          ", ".join(f"{code} {n}" for code, n in self.failed_by_code.items()))
@@ -350,6 +380,10 @@ class Reporter:
             self.per_object(logging.WARNING, item, "archived: %s -> %s: %s: skipped, its rows "
                             "stay on the source; restore the object (aws s3api restore-object), "
                             "then rerun", item.src.key, item.dest_key, item.error)
+        elif item.action == NOT_REWRITTEN:
+            self.per_object(logging.ERROR, item, "row %s: %s: %s",
+                            "would not be rewritten" if self.cfg.dry_run else "not rewritten",
+                            item.src.key, item.error)
         elif item.action == KEY_TOO_LONG:
             self.per_object(logging.WARNING, item, "key too long: %s -> %s: %s: skipped, its rows "
                             "stay on the source; a rerun cannot copy it: rename the source "
@@ -392,7 +426,8 @@ class Reporter:
         log.log(level, msg, *args, extra={"terminal": n <= TERMINAL_LINES})
         if n == TERMINAL_LINES + 1:
             what = {FAILED: "failures", CONFLICT: "conflicts", ARCHIVED: "archived objects",
-                    KEY_TOO_LONG: "keys too long", SSE_C: "SSE-C objects"}[item.action]
+                    KEY_TOO_LONG: "keys too long", SSE_C: "SSE-C objects",
+                    NOT_REWRITTEN: "rows not rewritten"}[item.action]
             kept = [name for name, on in (("--report", self.report is not None),
                                           ("--log-file", any(isinstance(h, logging.FileHandler)
                                                              for h in log.handlers))) if on]

@@ -35,7 +35,8 @@ from .identity import sse_c_refused
 from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, sse_c,
                        wanted)
 from .regions import Regions, discover, route
-from .report import COPIED, FAILED, ROWS_ONLY, SKIPPED, Reporter, Stats, Summary
+from .report import (COPIED, FAILED, NOT_REWRITTEN, ROWS_ONLY, SKIPPED, Reporter, Stats,
+                     Summary)
 from .settings import EXIT_INTERRUPTED, Settings, UsageError
 
 log = logging.getLogger("move")
@@ -105,12 +106,20 @@ class Migration:
         self.deleter = (Deleter(s3, engine, db, cfg, stats, reporter,
                                 lambda fn, *args: self.db_thread.submit(fn, *args).result())
                         if cfg.delete_source and not cfg.dry_run else None)
+        # Items whose rows another transaction holds locked: tried again every few
+        # seconds while the run goes on, until --lock-wait has passed for them.
+        self.held: list[Item] = []
+        self.held_due = 0.0
+        self.held_said = 0.0
 
     def run(self, items: Iterable[Item]) -> None:
         # The row plan (a scan into a snapshot, or an index build) is the database
         # thread's first job: the first copies go out meanwhile, and no batch of rows
         # is written before it is ready. On a large table the scan takes seconds.
         self.writes.append(self.db_thread.submit(self.prepare_rows))
+        ended = threading.Event()
+        threading.Thread(target=self.cancel_when_stopped, args=(ended,), name="db-cancel",
+                         daemon=True).start()
         try:
             for item in items:
                 self.stats.listed += 1
@@ -126,12 +135,23 @@ class Migration:
             self.wait_in_flight()
             self.flush()
             self.collect_rows(wait=True)
+            self.wait_for_held()
             if self.deleter:
                 self.deleter.flush()
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.engine.close()
             self.db_thread.shutdown(wait=True, cancel_futures=True)
+            ended.set()
+
+    def cancel_when_stopped(self, ended: threading.Event) -> None:
+        """Ctrl-C while the database thread waits on the server (a lock, a long scan, an
+        index build): the rows of copies in flight get a few seconds to be written,
+        then the statement is canceled, so the run ends within seconds and its
+        session, and the lock it holds, with it."""
+        self.stop.wait()
+        while not ended.wait(3):
+            self.db.cancel()
 
     def dispatch(self, item: Item) -> None:
         if item.kind in (COPY, CHECK):  # a dry run's copies HEAD their source (SSE-C?)
@@ -245,6 +265,7 @@ class Migration:
                 continue
             self.take(done)
             block = False
+        self.requeue_held()
         if len(self.batch) >= self.cfg.batch_size or self.clock() - self.last_flush >= 1.0:
             self.flush()
         self.collect_rows()
@@ -298,7 +319,8 @@ class Migration:
         t0 = time.monotonic()
         counts = self.db.lookup([k for i in work for k in (i.src.key, i.dest_key)])
         pending = [(i.src.key, i.dest_key) for i in work if counts.get(i.src.key)]
-        rewritten = {} if self.cfg.dry_run else self.db.rewrite(pending)
+        rewritten = (self.db.foresee(pending, counts) if self.cfg.dry_run
+                     else self.db.rewrite(pending, counts))
         self.flush_s += time.monotonic() - t0
         return work, counts, rewritten
 
@@ -309,12 +331,33 @@ class Migration:
 
     def finish_rows(self, work: list[Item], counts: dict, rewritten: dict) -> None:
         cfg, stats = self.cfg, self.stats
+        refused = getattr(rewritten, "refused", {})
+        waiting = getattr(rewritten, "waiting", {})
         self.flushes += bool(work)
+        now = time.monotonic()
         for i in work:
-            i.rows = counts.get(i.src.key, 0) if cfg.dry_run else rewritten.get(i.src.key, 0)
-            stats.rows_rewritten += i.rows
-            if not counts.get(i.src.key) and not counts.get(i.dest_key):
+            key = i.src.key
+            got = ((0 if key in refused else counts.get(key, 0)) if cfg.dry_run
+                   else rewritten.get(key, 0))
+            i.rows += got
+            stats.rows_rewritten += got
+            if key in waiting and key not in refused:
+                i.waiting_since = i.waiting_since or now
+                if now - i.waiting_since < cfg.lock_wait and not self.stop.is_set():
+                    self.held.append(i)  # its other rows, if any, are written already
+                    continue
+                if self.stop.is_set():
+                    continue  # interrupted: left on its source, a rerun rewrites it
+                refused[key] = (f"{waiting[key]} for more than {cfg.lock_wait:g} s "
+                                "(--lock-wait)")
+            if not i.rows and not counts.get(key) and not counts.get(i.dest_key):
                 stats.objects_without_rows += 1
+            if key in refused:
+                # Its copy is there (or was already); its rows stay on the source,
+                # whose object is kept: never deleted, whatever --delete-source says.
+                i.action, i.error = NOT_REWRITTEN, refused[key]
+                self.finish(i)
+                continue
             if i.action != COPIED:
                 i.action = ROWS_ONLY if i.rows else SKIPPED
             self.finish(i)
@@ -322,6 +365,43 @@ class Migration:
                 self.deleter.add(i)
         if self.deleter and self.deleter.due:
             self.deleter.flush()
+        if waiting:
+            self.say_held()
+
+    def say_held(self) -> None:
+        """Which rows the run waits for and since when: once when found, then every
+        10 s while any are held."""
+        now = time.monotonic()
+        if not self.held or now - self.held_said < 10:
+            return
+        self.held_said = now
+        longest = now - min(i.waiting_since for i in self.held)
+        names = ", ".join(sorted(i.src.key for i in self.held)[:5])
+        more = f" and {len(self.held) - 5} more" if len(self.held) > 5 else ""
+        log.warning("waiting for the rows of %d object(s) that another transaction holds "
+                    "locked (%s%s), for %.0f s so far; copying goes on; they are tried again "
+                    "every 2 s, and reported as not rewritten after %g s (--lock-wait)",
+                    len(self.held), names, more, longest, self.cfg.lock_wait)
+
+    def requeue_held(self) -> None:
+        """Held items go back into the next batch every 2 s."""
+        if self.held and time.monotonic() >= self.held_due:
+            self.held_due = time.monotonic() + 2.0
+            self.batch.extend(self.held)
+            self.held = []
+
+    def wait_for_held(self) -> None:
+        """At the end: rows still held are tried until --lock-wait has passed for them."""
+        while self.held and not self.stop.is_set():
+            self.stop.wait(max(0.0, self.held_due - time.monotonic()))
+            self.requeue_held()
+            self.flush()
+            self.collect_rows(wait=True)
+        if self.held:
+            log.warning("the rows of %d object(s) another transaction holds locked stay on "
+                        "their sources; a rerun rewrites them", len(self.held))
+            self.held = []
+
 
 
 def work(engine: Paced, cfg: Settings, stop: threading.Event) -> Iterator[Item]:
@@ -365,6 +445,7 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
         warning = versioning_warning(cfg, source_versioning(s3, cfg.source_bucket))
         if warning:
             log.warning("%s", warning)
+    db.warn_foreseen()
     if not cfg.dry_run:  # a dry run only reads, and may run beside a real run
         db.check_writable()
         take_lock(db)

@@ -61,6 +61,7 @@ class Settings:
     json: bool = False
     max_rate: float | None = None
     env_file: str | None = None  # the .env file read, by full path
+    lock_wait: float = 30.0  # seconds a row locked by another transaction is waited for
 
 
 def normalize_prefix(prefix: str) -> str:
@@ -168,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "to leave room under the prefix for the live application")
     g.add_argument("--batch-size", type=positive_int, default=500,
                    help="rows rewritten per transaction (default 500)")
+    g.add_argument("--lock-wait", type=positive_number, default=30.0, metavar="SECONDS",
+                   help="how long rows another transaction holds locked are tried again, "
+                        "while the rest of the run goes on, before they are reported as not "
+                        "rewritten (default 30)")
     g.add_argument("--engine", choices=("auto", "crt", "boto3"), default="auto",
                    help="how copies are sent: the AWS Common Runtime (fast, native signing) "
                         "or boto3; auto picks crt when awscrt is installed")
@@ -274,7 +279,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         report=args.report, multipart_threshold=args.multipart_threshold,
         multipart_chunksize=max(args.multipart_chunksize, 5 * 1024 ** 2),
         progress=not args.quiet, engine=args.engine, json=args.json, max_rate=args.max_rate,
-        env_file=args.env_file_read)
+        env_file=args.env_file_read, lock_wait=args.lock_wait)
 
 
 def setup_logging(quiet: bool, log_file: str | None) -> None:

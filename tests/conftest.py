@@ -338,11 +338,31 @@ def copy_requests(monkeypatch):
 
 @contextlib.contextmanager
 def row_locked(dsn: str, path: str):
-    """Hold the rows of one key FOR UPDATE: the run's batch that rewrites them waits
-    there, so a test finds the run mid-way without racing it."""
+    """Hold the table against writes (LOCK TABLE ... IN SHARE MODE, which reads pass):
+    the run's batch that would rewrite `path` waits there, and keeps trying again while
+    the rest of the run waits behind it, so a test finds the run mid-way without racing
+    it. (A row held FOR UPDATE is skipped, not waited for: see test_locks.py.)"""
     conn = psycopg2.connect(dsn)
     with conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM avatars WHERE path = %s FOR UPDATE", (path,))
+        cur.execute("LOCK TABLE avatars IN SHARE MODE")
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+@contextlib.contextmanager
+def new_key_held(dsn: str, path: str, new: str):
+    """Make the rewrite of one key alone wait: a unique index on the path, and an open
+    transaction that inserted the key's new path. The run's UPDATE waits for that
+    transaction to end (a lock wait on that key, not on the table), gives up at its
+    lock timeout and tries again, until the transaction ends (rolled back here)."""
+    conn = psycopg2.connect(dsn)
+    with conn.cursor() as cur:
+        cur.execute("CREATE UNIQUE INDEX IF NOT EXISTS avatars_path_uniq ON avatars (path)")
+        conn.commit()
+        cur.execute("INSERT INTO avatars (path) VALUES (%s)", (new,))
     try:
         yield
     finally:

@@ -22,7 +22,8 @@ from avatarmove.lock import wanted
 from avatarmove.settings import Settings
 from conftest import Bg
 from conftest import (DEST, PNG, SOURCE, assert_consistent, insert_rows, journal_exists, keys,
-                      moto_backend, put, row_locked, rows, run_backends, wait_until)
+                      moto_backend, new_key_held, put, row_locked, rows, run_backends,
+                      wait_until)
 
 OTHER_RUN = ("20990101T000000Z-feed01", "4242", "otherhost")
 
@@ -197,7 +198,8 @@ def test_two_runs_at_once_copy_each_object_once(db, dsn, client, tmp_path, copy_
 def test_shards_run_side_by_side_but_not_beside_a_run_of_the_whole(db, dsn, client, tmp_path,
                                                                   copy_requests):
     names = seed(db, N)
-    with row_locked(dsn, names[0]):  # the shard holding this key waits in its first batch
+    # the shard holding this key waits in its first batch
+    with new_key_held(dsn, names[0], "avatar/" + names[0].split("/", 1)[1]):
         shards = [background(tmp_path, dsn, *RUN, "--shard", f"{i}/2") for i in range(2)]
         wait_until(lambda: not all(s.alive() for s in shards), "one shard finishes")
         done = next(s for s in shards if not s.alive())

@@ -195,14 +195,14 @@ def test_compare_and_set_leaves_rows_the_application_changed(change, row_plan, r
     fired = []
     real = Database.rewrite
 
-    def racing_rewrite(self, pairs):
+    def racing_rewrite(self, pairs, *args):
         # the copies are done and the rows were looked up; the application
         # writes row 1 just before the compare-and-set
         if pairs and not fired:
             with db.cursor() as cur:
                 cur.execute(statement)
             fired.append(pairs)
-        return real(self, pairs)
+        return real(self, pairs, *args)
     monkeypatch.setattr(Database, "rewrite", racing_rewrite)
 
     assert run() == 0

@@ -421,8 +421,8 @@ def test_delete_source_keeps_a_source_a_row_points_at_again(run, s3, db, capsys,
     insert_rows(db, ["image/a.png", "image/b.png", "other/c.png"])
     real = Database.rewrite
 
-    def app_writes_meanwhile(self, pairs):
-        done = real(self, pairs)
+    def app_writes_meanwhile(self, pairs, *args):
+        done = real(self, pairs, *args)
         with db.cursor() as cur:  # autocommit: the application's own transaction
             cur.execute("UPDATE avatars SET path = 'image/a.png' WHERE path = 'other/c.png'")
         return done
