@@ -186,8 +186,11 @@ class NoRows:
     def lookup(self, keys):
         return {}
 
-    def rewrite(self, pairs):
+    def rewrite(self, pairs, expected=None):
         return {}
+
+    def cancel(self):
+        pass
 
     def referenced(self, keys):
         return set()
