@@ -233,6 +233,16 @@ class Database:
     def close(self):
         if self.conn is not None:
             try:
+                if not self.conn.closed:
+                    # Released here, not left to the session's end: behind a pooler the
+                    # server session lives on, and with it a lock nobody releases.
+                    self.conn.rollback()
+                    self.conn.autocommit = True
+                    with self.conn.cursor() as cur:
+                        cur.execute("SELECT pg_advisory_unlock_all()")
+            except psycopg2.Error:
+                pass
+            try:
                 self.conn.close()
             except DB_ERRORS:
                 pass

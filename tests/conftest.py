@@ -157,6 +157,81 @@ def insert_rows(conn, paths, table="avatars", column="path") -> None:
                 sql.Identifier(table), sql.Identifier(column)), (p,))
 
 
+# ---------------------------------------------------------------- PgBouncer
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def pgbouncer(dsn):
+    """start(pool_mode) -> a DSN to the test database through a real PgBouncer (the
+    Debian package's binary) on 127.0.0.1, in that pool mode; stopped afterwards."""
+    import pwd
+    import shutil
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if binary is None and not os.environ.get("CI"):
+        pytest.fail("pgbouncer is not installed: apt-get install -y pgbouncer "
+                    "(.ci/run installs it)", pytrace=False)
+    assert binary, "pgbouncer is not installed: .ci/run installs it (apt-get install pgbouncer)"
+    procs, dirs = [], []
+    params = parse_dsn(dsn)
+
+    def start(pool_mode: str) -> str:
+        import tempfile
+        port = free_port()
+        # not under pytest's tmp_path: PgBouncer may run as another user (below)
+        work = Path(tempfile.mkdtemp(prefix="pgbouncer", dir="/tmp"))
+        dirs.append(work)
+        work.chmod(0o777)
+        server = " ".join(f"{k}={params[k]}" for k in ("host", "port", "user", "password")
+                          if params.get(k))
+        (work / "users.txt").write_text(f'"{params.get("user", "postgres")}" ""\n')
+        (work / "pgbouncer.ini").write_text(f"""[databases]
+{params["dbname"]} = {server} dbname={params["dbname"]}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {work / "users.txt"}
+pool_mode = {pool_mode}
+default_pool_size = 4
+logfile = {work / "pgbouncer.log"}
+""")
+        argv = [binary, str(work / "pgbouncer.ini")]
+        host = params.get("host", "")
+        if os.geteuid() == 0:
+            # PgBouncer will not run as root: as the owner of the server's socket directory
+            owner = os.stat(host).st_uid if host.startswith("/") else 65534
+            argv[1:1] = ["-u", pwd.getpwuid(owner).pw_name]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+        url = psycopg2.extensions.make_dsn(host="127.0.0.1", port=port, dbname=params["dbname"],
+                                           user=params.get("user", "postgres"))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                psycopg2.connect(url, connect_timeout=2).close()
+                return url
+            except psycopg2.OperationalError:
+                if procs[-1].poll() is not None or time.monotonic() > deadline:
+                    log = work / "pgbouncer.log"
+                    pytest.fail(f"pgbouncer did not start: {procs[-1].stderr.read()[:500]} "
+                                f"{log.read_text()[-500:] if log.exists() else ''}")
+                time.sleep(0.1)
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+    for work in dirs:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- S3
 
 
