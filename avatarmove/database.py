@@ -605,14 +605,24 @@ class Database:
                     if connection_lost(exc) or self.stop.is_set():
                         raise  # the next --create-index drops what this one left
                     failed = first_line(exc)
+                dropped = "dropped the INVALID index the attempt left"
                 if failed:
-                    cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(name))
+                    try:
+                        cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}")
+                                    .format(name))
+                    except psycopg2.Error as exc:
+                        if connection_lost(exc) or self.stop.is_set():
+                            raise
+                        dropped = (f"the INVALID index it left could not be dropped now "
+                                   f"({first_line(exc)}): it is never used, the next "
+                                   "--create-index drops and builds it again, or drop it "
+                                   f"with DROP INDEX CONCURRENTLY {name.as_string(cur)}")
         finally:
             self.conn.autocommit = False
         if failed:
-            log.warning("could not create the index on %s(%s) (%s); dropped the INVALID index "
-                        "the attempt left; this run scans the table once into a snapshot "
-                        "instead", self.table_name, self.column, failed)
+            log.warning("could not create the index on %s(%s) (%s); %s; this run scans the "
+                        "table once into a snapshot instead", self.table_name, self.column,
+                        failed, dropped)
             self.build_snapshot()
             return
         self.plan_name = "index"
