@@ -65,7 +65,7 @@ def test_path_too_long_for_the_column_stops_only_its_row(run, s3, db, capsys, tm
     assert f"row would not be rewritten: {long}: value too long for type character " \
            "varying(255)" in err, err
     plan = summary(out)
-    assert (plan["not_rewritten"], plan["rows_rewritten"]) == (1, 5)
+    assert (plan["not_rewritten"], plan["would_rewrite_rows"]) == (1, 5)
 
     # --batch-size 1: the rows after it in listing order are written all the same.
     rep = tmp_path / "report.csv"
@@ -77,7 +77,7 @@ def test_path_too_long_for_the_column_stops_only_its_row(run, s3, db, capsys, tm
         "value too long for type character varying(255)": 1}
     assert f"row not rewritten: {long}: value too long for type character varying(255)" in err
     last = last_line(err)
-    assert last.startswith("move.py: error: the rows of 1 object(s) were not rewritten: "
+    assert last.startswith("move.py: incomplete: the rows of 1 object were not rewritten: "
                            "value too long for type character varying(255) (1)"), err
     assert "widen the column" in last and "rerun to resume" not in err
     assert rows(db) == [long if k == long else moved(k) for k in names]
