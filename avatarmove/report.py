@@ -344,12 +344,23 @@ class RollbackSummary:
         return json.dumps(self.to_dict())
 
 
+# A dry run's per-object actions, named like its counters (DRY_RUN_NAMES).
+DRY_RUN_ACTIONS = {COPIED: "would-copy", ROWS_ONLY: "would-rewrite-rows-only"}
+
+
+def object_record(item: Item, dry_run: bool) -> dict:
+    """One line of --jsonl: what happened to one object (schema: $defs/object)."""
+    action = DRY_RUN_ACTIONS.get(item.action, item.action) if dry_run else item.action
+    return {"source_key": item.src.key, "dest_key": item.dest_key, "action": action,
+            "rows": item.rows, "error": item.error or None}
+
+
 class Reporter:
     def __init__(self, cfg: Settings, quiet: bool):
         self.cfg, self.quiet = cfg, quiet
         self.bar = None
         self.total: int | None = None
-        self.report = self.report_file = None
+        self.report = self.report_file = self.jsonl = None
         self.last_log = time.monotonic()
         self.window = None  # the run's Window: the progress line shows its size
         self.shown: Counter = Counter()  # per-object lines logged, by action
@@ -357,6 +368,8 @@ class Reporter:
             self.report_file = open(cfg.report, "w", newline="", encoding="utf-8")
             self.report = csv.writer(self.report_file)
             self.report.writerow(["source_key", "dest_key", "action", "rows_rewritten", "error"])
+        if cfg.jsonl:
+            self.jsonl = open(cfg.jsonl, "w", encoding="utf-8")
         if not quiet and cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=None, unit="obj", file=sys.stderr, dynamic_ncols=True,
@@ -369,6 +382,8 @@ class Reporter:
     def item(self, item: Item, stats: Stats) -> None:
         if self.report:
             self.report.writerow([item.src.key, item.dest_key, item.action, item.rows, item.error])
+        if self.jsonl:
+            self.jsonl.write(json.dumps(object_record(item, self.cfg.dry_run)) + "\n")
         if item.action == FAILED:
             self.per_object(logging.ERROR, item, "failed: %s -> %s: %s", item.src.key,
                             item.dest_key, item.error)
@@ -442,3 +457,5 @@ class Reporter:
             self.bar.close()
         if self.report_file:
             self.report_file.close()
+        if self.jsonl:
+            self.jsonl.close()

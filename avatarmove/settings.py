@@ -53,6 +53,7 @@ class Settings:
     shard: tuple[int, int] | None = None
     manifest: str | None = None
     report: str | None = None
+    jsonl: str | None = None
     multipart_threshold: int = COPY_OBJECT_LIMIT
     multipart_chunksize: int = 256 * 1024 ** 2
     db_retry_seconds: float = 120.0
@@ -187,10 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--report", metavar="PATH",
                    help="write a CSV line per object: source_key, dest_key, action, "
-                        "rows_rewritten, error")
+                        "rows_rewritten, error (with --verify: one per problem)")
+    g.add_argument("--jsonl", metavar="PATH",
+                   help="write a JSON object per line: per object, or per problem with "
+                        "--verify (see docs/json.md)")
     g.add_argument("--log-file", metavar="PATH", help="also log (with debug detail) to this file")
     g.add_argument("--json", action="store_true",
-                   help="print the summary as one JSON object on stdout instead of text")
+                   help="print the summary (of a run, dry run, verify or rollback) as one JSON "
+                        "object on stdout instead of text; schema in docs/summary.schema.json")
     g.add_argument("-q", "--quiet", action="store_true",
                    help="no progress, only warnings, errors and the summary")
     g.add_argument("--env-file", metavar="PATH",
@@ -270,13 +275,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise UsageError("--dry-run is not allowed with --verify: --verify changes nothing "
                          "already")
     check_output_path("--report", args.report)
+    check_output_path("--jsonl", args.jsonl)
     check_aws_profile()
     return Settings(
         **values, workers=args.workers, batch_size=args.batch_size,
         max_attempts=args.max_attempts, retry_mode=args.retry_mode, overwrite=args.overwrite,
         dry_run=args.dry_run, delete_source=args.delete_source, create_index=args.create_index,
         shard=parse_shard(args.shard) if args.shard else None, manifest=args.manifest,
-        report=args.report, multipart_threshold=args.multipart_threshold,
+        report=args.report, jsonl=args.jsonl, multipart_threshold=args.multipart_threshold,
         multipart_chunksize=max(args.multipart_chunksize, 5 * 1024 ** 2),
         progress=not args.quiet, engine=args.engine, json=args.json, max_rate=args.max_rate,
         env_file=args.env_file_read, lock_wait=args.lock_wait)

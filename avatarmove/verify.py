@@ -1,6 +1,8 @@
 """Verify: a read-only reconciliation of both buckets and the table, one line per problem."""
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import sys
 import threading
@@ -13,18 +15,56 @@ from .identity import NeedsCustomerKey, described, identical
 from .listing import Listing, listed
 from .planning import CHECK, CONFLICT, COPY, DONE, plan
 from .run import preflight, settings_source
+from .report import SCHEMA_VERSION, TERMINAL_LINES
 from .settings import EXIT_FAILED, EXIT_OK, Settings
 
 log = logging.getLogger("move")
 
 
 class Problems:
-    def __init__(self):
-        self.counts: Counter[str] = Counter()
+    """Every problem goes to --report, --jsonl and the --json summary; the terminal
+    gets the first TERMINAL_LINES of each kind (thousands of MISSING-COPY lines
+    mid-migration hide the one DANGLING-ROW that matters) and the counts."""
 
-    def __call__(self, kind: str, text: str) -> None:
+    def __init__(self, cfg: Settings):
+        self.cfg = cfg
+        self.counts: Counter[str] = Counter()
+        self.items: list[dict] = []  # kept only for --json
+        self.report_file = self.report = self.jsonl = None
+        if self.cfg.report:
+            self.report_file = open(self.cfg.report, "w", newline="", encoding="utf-8")
+            self.report = csv.writer(self.report_file)
+            self.report.writerow(["kind", "key", "rows", "message"])
+        if self.cfg.jsonl:
+            self.jsonl = open(self.cfg.jsonl, "w", encoding="utf-8")
+
+    def __call__(self, kind: str, text: str, key: str | None = None,
+                 rows: int | None = None) -> None:
         self.counts[kind] += 1
-        print(f"{kind}: {text}", flush=True)
+        record = {"kind": kind, "key": key, "rows": rows, "message": text}
+        if self.cfg.json:
+            self.items.append(record)
+        if self.report:
+            self.report.writerow([kind, key or "", "" if rows is None else rows, text])
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+        if self.cfg.json:
+            return
+        n = self.counts[kind]
+        if n <= TERMINAL_LINES:
+            print(f"{kind}: {text}", flush=True)
+        elif n == TERMINAL_LINES + 1:
+            kept = " and ".join(name for name, on in (("--report", self.report),
+                                                      ("--jsonl", self.jsonl)) if on)
+            print(f"{kind}: further {kind} problems are " +
+                  (f"only in {kept}" if kept else "not shown (pass --report PATH, --jsonl "
+                   "PATH or --json to get every one)") + "; the last line counts them",
+                  flush=True)
+
+    def close(self) -> None:
+        for f in (self.report_file, self.jsonl):
+            if f:
+                f.close()
 
     def line(self) -> str:
         total = sum(self.counts.values())
@@ -38,7 +78,7 @@ def verify(s3, cfg: Settings) -> int:
     log.info("verify: settings from %s", settings_source(cfg))
     if db.plan_name == "snapshot":
         db.build_snapshot()
-    problem = Problems()
+    problem = Problems(cfg)
     hidden = references.hidden_rows(db)
     if hidden:  # a clean verdict from a role that sees some rows is no verdict
         problem("INCOMPLETE", f"{hidden}: the rows it cannot see were not checked")
@@ -47,11 +87,22 @@ def verify(s3, cfg: Settings) -> int:
     rows += check_rows_under(s3, db, cfg.source_bucket, cfg.source_prefix, problem)
     rows += check_other_forms(s3, db, cfg, problem)
     db.close()
-    print(f"Verify: {checked} source PNGs and {rows} rows checked; {problem.line()}",
-          flush=True)
+    problem.close()
+    code = EXIT_OK if not problem.counts else EXIT_FAILED
+    if cfg.json:
+        print(json.dumps({
+            "schema_version": SCHEMA_VERSION, "mode": "verify", "exit_code": code,
+            "verdict": verdict(problem.counts) if problem.counts else None,
+            "checked_objects": checked, "checked_rows": rows,
+            "problem_count": sum(problem.counts.values()),
+            "problem_counts": dict(sorted(problem.counts.items())),
+            "problems": problem.items}), flush=True)
+    else:
+        print(f"Verify: {checked} source PNGs and {rows} rows checked; {problem.line()}",
+              flush=True)
     if problem.counts:
         print(f"move.py: {verdict(problem.counts)}", file=sys.stderr, flush=True)
-    return EXIT_OK if not problem.counts else EXIT_FAILED
+    return code
 
 
 # What to do about each kind of problem, for the verdict line.
@@ -76,7 +127,8 @@ def check_objects(s3, db: Database, cfg: Settings, problem: Problems) -> int:
         counts = db.lookup([k for pair in pairs for k in pair])
         for old, new in pairs:
             if counts.get(old):
-                problem("NOT-REWRITTEN", f"{counts[old]} row(s) still point at {old} (copy: {new})")
+                problem("NOT-REWRITTEN", f"{counts[old]} row(s) still point at {old} (copy: {new})",
+                        key=old, rows=counts[old])
 
     engine, stop = Boto3Engine(s3), threading.Event()
     src = Listing(engine, cfg.source_bucket, cfg.source_prefix)
@@ -93,15 +145,18 @@ def check_objects(s3, db: Database, cfg: Settings, problem: Problems) -> int:
                                                item.dest) else CONFLICT)
             except NeedsCustomerKey:
                 problem("SSE-C", f"{item.src.key} is encrypted with a customer-provided key "
-                                 f"(SSE-C): its copy {item.dest_key} cannot be compared")
+                                 f"(SSE-C): its copy {item.dest_key} cannot be compared",
+                        key=item.src.key)
                 item.kind = DONE
         if item.kind == COPY:
-            problem("MISSING-COPY", f"{item.src.key} has no copy at {item.dest_key}")
+            problem("MISSING-COPY", f"{item.src.key} has no copy at {item.dest_key}",
+                    key=item.src.key)
         elif item.kind == CONFLICT:
             problem("MISMATCH", f"{item.dest_key} (size {item.dest.size}, etag {item.dest.etag}) "
                                 f"differs from {item.src.key} (size {item.src.size}, "
-                                f"etag {item.src.etag})")
-        pairs.append((item.src.key, item.dest_key))
+                                f"etag {item.src.etag})", key=item.dest_key)
+        else:  # rows of an object with no good copy stay on the source by design: one problem
+            pairs.append((item.src.key, item.dest_key))
         if len(pairs) >= cfg.batch_size:
             check_rows(pairs)
             pairs = []
@@ -134,7 +189,7 @@ def check_rows_under(s3, db: Database, bucket: str, prefix: str, problem: Proble
             yield path, n
     for path, n in missing(s3, bucket, prefix, paths()):
         problem("DANGLING-ROW", f"{n} row(s) point at {path}, which does not exist in "
-                                f"s3://{bucket}")
+                                f"s3://{bucket}", key=path, rows=n)
     return counted[0]
 
 
@@ -144,5 +199,5 @@ def check_other_forms(s3, db: Database, cfg: Settings, problem: Problems) -> int
     entries = references.other_form_keys(db)
     for key, n, sample in missing(s3, cfg.source_bucket, cfg.source_prefix, entries):
         problem("DANGLING-ROW", f"{n} row(s) name {key} (as {sample!r}), which does not "
-                                f"exist in s3://{cfg.source_bucket}")
+                                f"exist in s3://{cfg.source_bucket}", key=key, rows=n)
     return sum(n for _, n, _ in entries)

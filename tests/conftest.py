@@ -314,13 +314,15 @@ def journal_exists(conn) -> bool:
 
 @pytest.fixture
 def run(s3, dsn, monkeypatch, tmp_path):
-    """move.main() in-process against moto and the test database, with --json:
-    read what a migration did with summary(capsys.readouterr().out)."""
+    """move.main() in-process against moto and the test database, with --json
+    (as_json=False: the text a person reads): read what a migration did with
+    summary(capsys.readouterr().out)."""
     monkeypatch.chdir(tmp_path)  # no stray .env
 
-    def _run(*args: str) -> int:
+    def _run(*args: str, as_json: bool = True) -> int:
         # mock_aws patches botocore; the CRT engine would bypass it.
-        return move.main(["--db", dsn, "--quiet", "--engine", "boto3", "--json", *args])
+        return move.main(["--db", dsn, "--quiet", "--engine", "boto3",
+                          *(["--json"] if as_json else []), *args])
     return _run
 
 

@@ -18,7 +18,7 @@ from avatarmove.listing import Obj
 from avatarmove.planning import COPY, Item
 from avatarmove.report import ACTION_COUNTERS, Reporter, Stats, Summary
 from avatarmove.settings import Settings
-from conftest import PNG, insert_rows, put, summary
+from conftest import PNG, ROOT, insert_rows, put, summary
 
 # The keys `move.py --json` promises (others may be added, none taken away).
 JSON_KEYS = {"run_id", "dry_run", "interrupted", "listed", "copied", "rows_only", "skipped",
@@ -281,3 +281,84 @@ def test_reporter_shows_the_first_per_object_lines_and_keeps_all_in_the_log_file
     assert logged.count("WARNING MainThread archived: ") == n
     with open(tmp_path / "r.csv", newline="", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 2 * n
+
+
+# --------------------------------------------------------------------------- the JSON schema
+# docs/summary.schema.json is what scripts rely on: every mode's real output is
+# validated against it, strictly (no field it does not name, none it names missing).
+
+SCHEMA_PATH = ROOT / "docs" / "summary.schema.json"
+
+
+def schema_for(name: str | None = None) -> dict:
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    return schema if name is None else {"$defs": schema["$defs"], "$ref": f"#/$defs/{name}"}
+
+
+def assert_valid(doc: dict, name: str) -> None:
+    from jsonschema import Draft202012Validator
+    whole = [schema_for()] if name not in ("object", "problem") else []  # lines of --jsonl
+    for schema in [schema_for(name), *whole]:  # its own mode's, then the whole
+        errors = sorted(Draft202012Validator(schema).iter_errors(doc), key=str)
+        assert not errors, f"{name}: " + "; ".join(
+            f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5])
+
+
+def jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_the_schema_is_a_valid_json_schema():
+    from jsonschema import Draft202012Validator
+    Draft202012Validator.check_schema(schema_for())
+
+
+def test_every_mode_prints_json_the_schema_describes(run, s3, db, tmp_path, capsys,
+                                                     monkeypatch):
+    from conftest import fail_copy_of, mixed_state
+    mixed_state(s3, db)  # copies, rows only, done, a conflict, rows without objects
+    fail_copy_of(monkeypatch, "image/c2.png")
+
+    assert run("--dry-run", "--jsonl", str(tmp_path / "plan.jsonl")) == 0
+    plan = summary(capsys.readouterr().out)
+    assert_valid(plan, "dry-run")
+    assert (plan["mode"], plan["would_copy"], plan["exit_code"], plan["verdict"]) == \
+        ("dry-run", 3, 0, None)
+    records = jsonl(tmp_path / "plan.jsonl")
+    assert len(records) == plan["listed"]
+    for r in records:
+        assert_valid(r, "object")
+    assert sorted(r["source_key"] for r in records if r["action"] == "would-copy") == \
+        ["image/c0.png", "image/c1.png", "image/c2.png"]
+
+    assert run("--jsonl", str(tmp_path / "run.jsonl")) == 1  # the conflict, the failure
+    done = summary(capsys.readouterr().out)
+    assert_valid(done, "run")
+    assert (done["copied"], done["conflicts"], done["failed"], done["exit_code"]) == (2, 1, 1, 1)
+    assert done["verdict"].startswith("incomplete: 1 copy failed (InvalidRequest 1)")
+    records = jsonl(tmp_path / "run.jsonl")
+    for r in records:
+        assert_valid(r, "object")
+    assert {r["source_key"]: r["action"] for r in records}["image/c2.png"] == "failed"
+
+    assert run("--verify", "--jsonl", str(tmp_path / "verify.jsonl")) == 1
+    checked = summary(capsys.readouterr().out)
+    assert_valid(checked, "verify")
+    assert checked["problem_count"] == len(checked["problems"]) == sum(
+        checked["problem_counts"].values()) > 0
+    assert jsonl(tmp_path / "verify.jsonl") == checked["problems"]
+
+    assert run("--rollback", done["run_id"], "--dry-run") == 0
+    preview = summary(capsys.readouterr().out)
+    assert_valid(preview, "rollback-dry-run")
+    assert run("--rollback", "latest") == 0
+    undone = summary(capsys.readouterr().out)
+    assert_valid(undone, "rollback")
+    assert undone["rows_restored"] == preview["would_restore_rows"] == done["rows_rewritten"]
+
+
+def test_every_field_in_the_schema_is_explained_in_docs_json_md():
+    text = (ROOT / "docs" / "json.md").read_text(encoding="utf-8")
+    names = {name for d in schema_for()["$defs"].values() for name in d.get("properties", {})}
+    missing = sorted(n for n in names if f"`{n}`" not in text)
+    assert not missing, f"docs/json.md does not explain {missing}"

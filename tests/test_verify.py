@@ -1,6 +1,7 @@
 """--verify: a read-only reconciliation of both buckets and the table."""
 from __future__ import annotations
 
+import csv
 import re
 
 from conftest import (DEST, OTHER, PNG, SOURCE, body, insert_rows, journal, migrated, put,
@@ -13,7 +14,7 @@ from conftest import (DEST, OTHER, PNG, SOURCE, body, insert_rows, journal, migr
 def test_verify_clean_then_missing_copy_then_rerun_heals(run, s3, db, capsys):
     migrated(run, s3, db, capsys)
     before = snapshot(s3, db)
-    assert run("--verify") == 0
+    assert run("--verify", as_json=False) == 0
     out = capsys.readouterr().out
     assert "0 problem(s)" in out
     assert not re.search(r"^[A-Z-]+: ", out, re.M)
@@ -21,7 +22,7 @@ def test_verify_clean_then_missing_copy_then_rerun_heals(run, s3, db, capsys):
 
     s3.delete_object(Bucket=DEST, Key="avatar/b.png")
     before = snapshot(s3, db)
-    assert run("--verify") == 1
+    assert run("--verify", as_json=False) == 1
     out = capsys.readouterr().out
     assert snapshot(s3, db) == before  # read-only
     assert re.search(r"^MISSING-COPY: image/b\.png has no copy at avatar/b\.png$", out, re.M), out
@@ -33,7 +34,7 @@ def test_verify_clean_then_missing_copy_then_rerun_heals(run, s3, db, capsys):
     s = summary(capsys.readouterr().out)
     assert s["copied"] == 1 and s["skipped"] == 2
     assert body(s3, "avatar/b.png") == PNG + b"b"
-    assert run("--verify") == 0
+    assert run("--verify", as_json=False) == 0
     assert "0 problem(s)" in capsys.readouterr().out
 
 
@@ -44,7 +45,7 @@ def test_verify_names_each_kind_of_problem(run, s3, db, capsys):
     put(s3, "avatar/c.png", OTHER, bucket=DEST)  # MISMATCH
     before = snapshot(s3, db)
 
-    assert run("--verify") == 1
+    assert run("--verify", as_json=False) == 1
     out, err = capsys.readouterr()
     assert snapshot(s3, db) == before
     # the last line: what was found, what to do about each kind
@@ -74,7 +75,7 @@ def test_verify_finds_rows_under_the_source_prefix_whose_object_is_gone(run, s3,
     insert_rows(db, ["image/c.png", "image/c.png"])
     s3.delete_object(Bucket=SOURCE, Key="image/c.png")
 
-    assert run("--verify") == 1
+    assert run("--verify", as_json=False) == 1
     out = capsys.readouterr().out
     assert re.search(r"^DANGLING-ROW: 2 row\(s\) point at image/c\.png, which does not exist in "
                      r"s3://legacy-s3$", out, re.M), out
@@ -88,7 +89,7 @@ def test_verify_finds_rows_naming_a_gone_source_in_another_form(run, s3, db, cap
     insert_rows(db, ["https://legacy-s3.s3.amazonaws.com/image/kept.png?v=2",
                      "/image/gone.png", "https://cdn.example.com/legacy-s3/image/gone.png"])
 
-    assert run("--verify") == 1
+    assert run("--verify", as_json=False) == 1
     out = capsys.readouterr().out
     assert re.search(r"^DANGLING-ROW: 2 row\(s\) name image/gone\.png \(as '.*'\), which does "
                      r"not exist in s3://legacy-s3$", out, re.M), out
@@ -101,7 +102,43 @@ def test_verify_as_a_role_that_cannot_see_every_row_is_not_clean(run, s3, db, ds
     with role_dsn(db, dsn, "GRANT SELECT ON avatars TO {role}",
                   "ALTER TABLE avatars ENABLE ROW LEVEL SECURITY",
                   "CREATE POLICY only_a ON avatars USING (path = 'avatar/a.png')") as (reader, _):
-        assert run("--db", reader, "--verify") == 1
+        assert run("--db", reader, "--verify", as_json=False) == 1
     out = capsys.readouterr().out
     assert re.search(r"^INCOMPLETE: row-level security on avatars applies to role .*only_a.*"
                      r"the rows it cannot see were not checked$", out, re.M), out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_an_object_not_copied_yet_is_one_problem_not_two(run, s3, db, capsys):
+    migrated(run, s3, db, capsys, names=("a",))
+    put(s3, "image/new.png")  # uploaded after the run, with its row: not copied yet
+    insert_rows(db, ["image/new.png"])
+    assert run("--verify") == 1
+    s = summary(capsys.readouterr().out)
+    assert s["problem_counts"] == {"MISSING-COPY": 1}
+    assert [(p["kind"], p["key"]) for p in s["problems"]] == [("MISSING-COPY", "image/new.png")]
+
+
+def test_the_terminal_shows_20_of_a_kind_and_report_and_json_have_all(run, s3, db, capsys,
+                                                                       tmp_path):
+    migrated(run, s3, db, capsys, names=("a",))
+    for i in range(25):
+        put(s3, f"image/late{i:02}.png", PNG + bytes([i]))
+    report = tmp_path / "problems.csv"
+
+    assert run("--verify", "--report", str(report), as_json=False) == 1
+    out = capsys.readouterr().out
+    shown = [line for line in out.splitlines() if line.startswith("MISSING-COPY: image/")]
+    assert len(shown) == 20, out
+    assert "MISSING-COPY: further MISSING-COPY problems are only in --report" in out
+    assert "25 problem(s): MISSING-COPY 25" in out
+    with open(report, newline="", encoding="utf-8") as f:
+        lines = list(csv.DictReader(f))
+    assert sorted(r["key"] for r in lines) == [f"image/late{i:02}.png" for i in range(25)]
+    assert {r["kind"] for r in lines} == {"MISSING-COPY"}
+
+    assert run("--verify") == 1
+    s = summary(capsys.readouterr().out)
+    assert s["problem_count"] == len(s["problems"]) == 25
