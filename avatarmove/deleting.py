@@ -8,7 +8,9 @@ before its delete:
    conditional deletes), so an upload in the moment between the two still wins;
 3. no row of the table names it, in any form the tool recognises (the exact
    key, a leading '/', a URL, a query string: see references.py), read from the
-   table itself just before the delete.
+   table itself in the transaction that holds it in SHARE mode while the deletes
+   go out, so that the application cannot point a row at a source in between
+   (its writes wait a fraction of a second).
 
 A source replaced since its copy ("changed since copy") is kept, and copied
 again over its copy: the rows already rewritten point at the copy, and must show
@@ -21,6 +23,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+import psycopg2.errors
 from botocore.exceptions import BotoCoreError, ClientError
 
 from . import copying, references
@@ -77,6 +80,7 @@ class Deleter:
         self.stats, self.reporter, self.on_db = stats, reporter, on_db
         self.pending: list[Item] = []
         self.conditional = True  # until the server refuses DeleteObjects' ETag condition
+        self.locking = True  # until the role turns out unable to lock the table
 
     def add(self, item: Item) -> None:
         if item.verified or copy_confirmed(self.s3, self.cfg, item):
@@ -101,18 +105,52 @@ class Deleter:
     def delete(self, work: list[Item]) -> None:
         heads = head_all(self.s3, self.cfg.source_bucket, [i.src.key for i in work],
                          self.cfg.workers)
-        unchanged = [i for i, h in zip(work, heads) if self.unchanged(i, h)]
-        named = self.on_db(references.referenced, self.db, [i.src.key for i in unchanged])
-        deletable = []
-        for i in unchanged:
-            if i.src.key in named:
-                self.keep(i, f"a row of {self.cfg.table} names it ({named[i.src.key]!r}); "
-                             "rows holding the exact key are rewritten by a rerun, other "
-                             "forms keep their source")
-            else:
-                deletable.append(i)
-        for start in range(0, len(deletable), DELETE_BATCH):
-            self.delete_objects(deletable[start:start + DELETE_BATCH])
+        unchanged = {i.src.key: i for i, h in zip(work, heads) if self.unchanged(i, h)}
+        outcomes: list[tuple[int, list]] = []
+
+        def send(keys: list[str]) -> None:  # on the database thread, the table locked
+            chunks = [[unchanged[k] for k in keys[s:s + DELETE_BATCH]]
+                      for s in range(0, len(keys), DELETE_BATCH)]
+            with ThreadPoolExecutor(max(1, min(len(chunks), 10)),
+                                    thread_name_prefix="delete") as pool:
+                outcomes.extend(pool.map(self.delete_objects, chunks))
+        keys = list(unchanged)
+        try:
+            named = self.named_then_deleted(keys, send)
+        except references.TableBusy as exc:
+            for i in unchanged.values():
+                self.keep(i, f"{exc}; kept for a rerun")
+            return
+        for key, value in named.items():
+            self.keep(unchanged[key], f"a row of {self.cfg.table} names it ({value!r}); rows "
+                                      "holding the exact key are rewritten by a rerun, other "
+                                      "forms keep their source")
+        for deleted, errors in outcomes:
+            self.stats.deleted += deleted
+            for item, code, message in errors:
+                if code == "PreconditionFailed":  # replaced after the HEAD
+                    h = head(self.s3, self.cfg.source_bucket, item.src.key)
+                    if h is not None:
+                        self.changed(item, from_head(item.src.key, h))
+                elif code != "NoSuchKey":  # NoSuchKey: gone in the meantime
+                    log.error("could not delete source %s: %s", item.src.key, message)
+
+    def named_then_deleted(self, keys: list[str], send) -> dict[str, str]:
+        """The keys rows name; send(the others) deletes them, in the same transaction
+        that holds the table, so that no row can come to name one in between."""
+        if self.locking:
+            try:
+                return self.on_db(references.unreferenced_while_locked, self.db, keys, send)
+            except psycopg2.errors.InsufficientPrivilege:
+                self.locking = False
+                log.warning("%s cannot be locked by this role (LOCK TABLE ... IN SHARE MODE "
+                            "needs UPDATE on the whole table): a row the application points "
+                            "at a source in the moment between the check and its delete "
+                            "would dangle; grant UPDATE ON %s to close that gap",
+                            self.cfg.table, self.cfg.table)
+        named = self.on_db(references.referenced, self.db, keys)
+        send([k for k in keys if k not in named])
+        return named
 
     def unchanged(self, item: Item, h: dict | Exception | None) -> bool:
         """Step 2: the source is still the object listed (and copied)."""
@@ -130,26 +168,17 @@ class Deleter:
             return False
         return True
 
-    def delete_objects(self, chunk: list[Item]) -> None:
+    def delete_objects(self, chunk: list[Item]) -> tuple[int, list[tuple[Item, str, str]]]:
+        """One DeleteObjects: (sources deleted, (item, code, message) for the others)."""
         by_key = {i.src.key: i for i in chunk}
         try:
             errors = self.send_delete(chunk)
         except (ClientError, BotoCoreError) as exc:
             errors = [{"Key": i.src.key, "Code": error_code(exc),
                        "Message": describe_error(exc)} for i in chunk]
-        for e in errors:
-            item = by_key.get(e.get("Key", ""))
-            if item is None:
-                continue
-            if e.get("Code") == "PreconditionFailed":  # replaced after the HEAD
-                h = head(self.s3, self.cfg.source_bucket, item.src.key)
-                if h is not None:
-                    self.changed(item, from_head(item.src.key, h))
-                continue
-            if e.get("Code") == "NoSuchKey":  # gone in the meantime: nothing to delete
-                continue
-            log.error("could not delete source %s: %s", e.get("Key"), e.get("Message"))
-        self.stats.deleted += len(chunk) - len(errors)
+        failed = [(by_key[e["Key"]], e.get("Code", ""), e.get("Message", ""))
+                  for e in errors if e.get("Key") in by_key]
+        return len(chunk) - len(failed), failed
 
     def send_delete(self, chunk: list[Item]) -> list[dict]:
         objects = [{"Key": i.src.key, **({"ETag": f'"{i.src.etag}"'} if self.conditional else {})}
@@ -190,3 +219,35 @@ def head_all(s3, bucket: str, keys: list[str], workers: int) -> list[dict | Exce
             return exc
     with ThreadPoolExecutor(max(1, min(workers, 32)), thread_name_prefix="head") as pool:
         return list(pool.map(one, keys))
+
+
+def recover(s3, cfg: Settings, key: str, versioning: str | None,
+            restore: bool = True) -> str | None:
+    """For --rollback: bring back a source that --delete-source deleted from a
+    versioned bucket, by copying its newest version over the delete marker (the
+    versions stay as they are). None once it is back (or, with restore False, when
+    it could be); else why it cannot be."""
+    if versioning not in ("Enabled", "Suspended"):
+        return (f"it was deleted from s3://{cfg.source_bucket}, which is not versioned"
+                + (" (or the role may not ask: s3:GetBucketVersioning)"
+                   if versioning == "unknown" else "") + ": its bytes are gone")
+    try:
+        page = s3.list_object_versions(Bucket=cfg.source_bucket, Prefix=key, MaxKeys=100)
+    except (ClientError, BotoCoreError) as exc:
+        return (f"cannot list its versions ({describe_error(exc)}; needs "
+                "s3:ListBucketVersions)")
+    versions = [v for v in page.get("Versions", ()) if v["Key"] == key]
+    if not versions:
+        return (f"no version of it is left in s3://{cfg.source_bucket} (expired by a "
+                "lifecycle rule, or deleted version by version)")
+    newest = max(versions, key=lambda v: v["LastModified"])
+    if not restore:
+        return None
+    try:
+        s3.copy_object(Bucket=cfg.source_bucket, Key=key, CopySource={
+            "Bucket": cfg.source_bucket, "Key": key, "VersionId": newest["VersionId"]})
+    except (ClientError, BotoCoreError) as exc:
+        return (f"its version {newest['VersionId']} is there but could not be restored "
+                f"({describe_error(exc)}; needs s3:GetObjectVersion and s3:PutObject)")
+    log.info("restored %s from its version %s", key, newest["VersionId"])
+    return None

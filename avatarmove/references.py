@@ -46,18 +46,46 @@ def referenced(db, keys: list[str]) -> dict[str, str]:
     one value that names it (for the message). Read from the table itself, not a
     snapshot: a row the application wrote a moment ago counts. One scan of the
     rows that contain the prefix, however many keys are asked about."""
-    if not keys:
-        return {}
-    query = sql.SQL(
+    return db.retry(lambda cur: _referenced(cur, db, keys)) if keys else {}
+
+
+def _referenced(cur, db, keys: list[str]) -> dict[str, str]:
+    cur.execute(sql.SQL(
         "SELECT DISTINCT ON (c.cand) c.cand, t.{col}::text FROM {table} t "
         "CROSS JOIN LATERAL {cands} WHERE strpos(t.{col}, %(prefix)s) > 0 "
         "AND c.cand = ANY(%(keys)s) ORDER BY c.cand, t.{col}"
-    ).format(col=db.col, table=db.table, cands=candidates(sql.SQL("t.{}").format(db.col)))
+    ).format(col=db.col, table=db.table, cands=candidates(sql.SQL("t.{}").format(db.col))),
+        {**params(db.cfg.source_prefix), "keys": keys})
+    return dict(cur.fetchall())
+
+
+# How long the deletes wait for the table lock below; past it, the batch's sources
+# are kept for a rerun rather than holding the application's writes any longer.
+LOCK_WAIT = "5s"
+
+
+class TableBusy(Exception):
+    """The table could not be locked within LOCK_WAIT (a long transaction writes to it)."""
+
+
+def unreferenced_while_locked(db, keys: list[str], delete) -> dict[str, str]:
+    """Read which keys rows name and call delete(the others) in one transaction that
+    holds the table in SHARE mode: no row can be made to name a key between the
+    read and the delete (the application's writes wait for the deletes, a fraction
+    of a second). Returns the keys rows name, as referenced() does."""
+    import psycopg2.errors
 
     def run(cur):
-        cur.execute(query, {**params(db.cfg.source_prefix), "keys": keys})
-        return dict(cur.fetchall())
-    return db.retry(run)
+        cur.execute("SET LOCAL lock_timeout = %s", (LOCK_WAIT,))
+        try:
+            cur.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(db.table))
+        except psycopg2.errors.LockNotAvailable:
+            raise TableBusy(f"{db.table_name} stayed locked by another transaction for "
+                            f"{LOCK_WAIT}") from None
+        named = _referenced(cur, db, keys)
+        delete([k for k in keys if k not in named])
+        return named
+    return db.retry(run) if keys else {}
 
 
 def other_forms_sql(db) -> sql.Composed:

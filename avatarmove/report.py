@@ -304,8 +304,8 @@ class RollbackSummary:
                 lines.append(f"  and {len(self.runs) - TERMINAL_LINES} earlier runs (all in "
                              "--json)")
         for k in self.refused_keys[:TERMINAL_LINES]:
-            lines.append(f"REFUSED: {k['dest_key']} stays: its source {k['source_key']} no "
-                         f"longer exists in s3://{self.source_bucket}")
+            lines.append(f"REFUSED: {k['dest_key']} stays: its source {k['source_key']} "
+                         f"cannot be restored: {k['reason']}")
         if self.refused > TERMINAL_LINES:
             lines.append(f"REFUSED: and {self.refused - TERMINAL_LINES} more (every one is in "
                          "--json)")
@@ -324,8 +324,9 @@ class RollbackSummary:
         if not self.refused or self.dry_run:
             return None
         return (f"rollback of run {self.run_id} incomplete: {self.refused} key(s) keep their "
-                f"new paths, their sources are gone from s3://{self.source_bucket} (the copies "
-                f"in s3://{self.dest_bucket} still serve them); restore those source objects, "
+                f"new paths, their sources cannot be restored in s3://{self.source_bucket} "
+                f"(the copies in s3://{self.dest_bucket} still serve them); restore those "
+                "source objects, "
                 f"then run --rollback {self.run_id} again")
 
     def to_dict(self) -> dict:

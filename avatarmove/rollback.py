@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .copying import head
 from .database import Database
+from .deleting import recover, source_versioning
 from .journal import ensure_journal, journal_runs, run_entries, undo
 from .lock import take as take_lock
 from .report import RollbackSummary
@@ -62,15 +63,26 @@ def rollback(s3, cfg: Settings, wanted: str) -> int:
         db.close()
         raise
     entries = db.retry(lambda cur: run_entries(cur, db.journal, run["run_id"]))
+    versioning: list = []  # asked once, and only when a source is missing
+
+    def why_not(entry) -> str | None:
+        """None when the source exists, or can be (was, unless a dry run) brought back
+        from its noncurrent versions; else why not."""
+        if head(s3, cfg.source_bucket, entry[0]) is not None:
+            return None
+        if not versioning:
+            versioning.append(source_versioning(s3, cfg.source_bucket))
+        return recover(s3, cfg, entry[0], versioning[0], restore=not cfg.dry_run)
     with ThreadPoolExecutor(min(cfg.workers, 64)) as pool:
-        exists = list(pool.map(lambda e: head(s3, cfg.source_bucket, e[0]) is not None, entries))
-    ok = [e for e, present in zip(entries, exists) if present]
-    refused = [e for e, present in zip(entries, exists) if not present]
+        reasons = list(pool.map(why_not, entries))
+    ok = [e for e, why in zip(entries, reasons) if why is None]
+    refused = [(*e, why) for e, why in zip(entries, reasons) if why is not None]
     result = RollbackSummary(
         dry_run=cfg.dry_run, run_id=run["run_id"], run_at=run["at"], keys=len(entries),
         restorable_keys=len(ok), restorable_rows=sum(n for _, _, n in ok),
         refused=len(refused),
-        refused_keys=[{"source_key": old, "dest_key": new} for old, new, _ in refused],
+        refused_keys=[{"source_key": old, "dest_key": new, "reason": why}
+                      for old, new, _, why in refused],
         runs=runs, source_bucket=cfg.source_bucket, dest_bucket=cfg.dest_bucket)
     if not cfg.json:
         print(result.preview_text(), flush=True)

@@ -175,7 +175,8 @@ def test_rollback_refused_where_the_source_is_gone(run, s3, db, dsn, capsys):
 
     assert move.main(["--db", dsn, "--quiet", "--engine", "boto3", "--rollback", "latest"]) == 1
     out, err = capsys.readouterr()
-    assert re.search(r"^REFUSED: avatar/b\.png stays: its source image/b\.png no longer exists",
+    assert re.search(r"^REFUSED: avatar/b\.png stays: its source image/b\.png cannot be "
+                     r"restored: it was deleted from s3://legacy-s3, which is not versioned",
                      out, re.M), out
     assert "avatar/a.png stays" not in out
     assert rows(db) == ["image/a.png", "avatar/b.png", "avatar/b.png"]
@@ -188,7 +189,9 @@ def test_rollback_refused_where_the_source_is_gone(run, s3, db, dsn, capsys):
 
     assert run("--rollback", rid) == 1  # the same run again: still refused, nothing else
     s = summary(capsys.readouterr().out)
-    assert s["refused_keys"] == [{"source_key": "image/b.png", "dest_key": "avatar/b.png"}]
+    assert s["refused_keys"] == [{"source_key": "image/b.png", "dest_key": "avatar/b.png",
+                                  "reason": "it was deleted from s3://legacy-s3, which is not "
+                                            "versioned: its bytes are gone"}]
     assert (s["rows_restored"], s["exit_code"]) == (0, 1)
     assert rows(db) == ["image/a.png", "avatar/b.png", "avatar/b.png"]
 
