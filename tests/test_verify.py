@@ -86,7 +86,7 @@ def test_verify_finds_rows_naming_a_gone_source_in_another_form(run, s3, db, cap
     migrated(run, s3, db, capsys, names=("a",))
     put(s3, "image/kept.png")
     put(s3, "avatar/kept.png", bucket=DEST)
-    insert_rows(db, ["https://legacy-s3.s3.amazonaws.com/image/kept.png?v=2",
+    insert_rows(db, ["https://legacy-s3.s3.amazonaws.com/image/kept.png?v=2", "image/kept.png#x",
                      "/image/gone.png", "https://cdn.example.com/legacy-s3/image/gone.png"])
 
     assert run("--verify", as_json=False) == 1
