@@ -8,7 +8,8 @@ resumes: what is done is skipped, what is half-done is finished.
 
 This file is the command. The stages live in the avatarmove package, one
 module each, in the order the data goes through them: settings, listing,
-planning, copying, database, journal, run, report, verify, rollback.
+planning, copying, database (connection, grants, rowplan, rewrite, counts),
+journal, run, report, verify, rollback.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from avatarmove.copying import (S3RequestError, aws_session, describe_error, err
                                 make_s3_client)
 from avatarmove.incurable import hint, is_incurable
 from avatarmove.pacing import Pacer, RequestPath
-from avatarmove.database import connection_lost, what_to_fix
+from avatarmove.connection import connection_lost, what_to_fix
 from avatarmove.lock import LockLost
 from avatarmove.rollback import rollback
 from avatarmove.run import Interrupt, run_migration

@@ -9,7 +9,7 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
 from conftest import DEST, insert_rows, keys, put, rows, summary
-from test_rewrite import execute, moved, seed
+from test_rewrite import PLANS, add, execute, moved, ready, seed
 
 
 def index_state(conn, name: str):
@@ -74,6 +74,25 @@ def test_create_index_that_fails_drops_what_it_left_and_takes_the_snapshot(run, 
     assert run("--create-index") == 0
     capsys.readouterr()
     assert index_state(db, "avatars_path_move_idx") == (True, True)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_lookup_counts_the_rows_pointing_at_each_key(plan, db, dsn):
+    add(db, "image/a.png", "image/a.png", "image/a.png", "avatar/b.png", "image/c.png",
+        "image/a.png ", "IMAGE/a.png", "other/d.png", None)
+    d = ready(dsn, plan)
+    try:
+        got = d.lookup(["image/a.png", "avatar/b.png", "image/c.png", "image/none.png",
+                        "other/d.png"])
+        # exact keys only; a key no row holds is absent. (The snapshot holds only the
+        # rows under the two prefixes: a key outside them is never looked up by a run.)
+        expected = {"image/a.png": 3, "avatar/b.png": 1, "image/c.png": 1}
+        if plan == "index":
+            expected["other/d.png"] = 1
+        assert got == expected
+        assert d.lookup([]) == {}
+    finally:
+        d.close()
 
 
 # --------------------------------------------------------------------------- names
