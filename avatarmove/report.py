@@ -222,36 +222,35 @@ class Summary:
             title += " (stopped: errors a rerun cannot cure, see below)"
         elif self.interrupted:
             title += " (interrupted: rerun to finish)"
-        verb = "to copy" if self.dry_run else "copied"
-        rows_verb = "rows to rewrite" if self.dry_run else "rows rewritten"
-        lines = [
-            title,
-            f"  listed PNGs            {self.listed}",
-            f"  {verb:<22} {self.copied}",
-            f"  {'rows only' if not self.dry_run else 'to rewrite rows only':<22} {self.rows_only}",
-            f"  skipped (done)         {self.skipped}",
-            f"  {rows_verb:<22} {self.rows_rewritten}",
-            f"  objects without rows   {self.objects_without_rows}",
-            f"  conflicts              {self.conflicts}",
-            f"  archived (restore first) {self.archived}",
-            f"  key too long           {self.key_too_long}",
-            f"  SSE-C (need their key) {self.sse_c}",
-            f"  failed                 {self.failed}",
+        dry = self.dry_run
+        # (label, figure, note): one column of labels, one of right-aligned figures
+        counters = [
+            ("listed PNGs", self.listed, ""),
+            ("to copy" if dry else "copied", self.copied, ""),
+            ("to rewrite rows only" if dry else "rows only", self.rows_only, ""),
+            ("skipped (done)", self.skipped, ""),
+            ("rows to rewrite" if dry else "rows rewritten", self.rows_rewritten, ""),
+            ("objects without rows", self.objects_without_rows, ""),
+            ("conflicts", self.conflicts, ""),
+            ("archived (restore first)", self.archived, ""),
+            ("key too long", self.key_too_long, ""),
+            ("SSE-C (need their key)", self.sse_c, ""),
+            ("failed", self.failed, ", ".join(f"{code} {n}"
+                                               for code, n in self.failed_by_code.items())),
         ]
         if self.not_rewritten:
-            label = "rows would not be rewritten" if self.dry_run else "rows not rewritten"
-            lines.append(f"  {label} {self.not_rewritten} (objects; their rows stay on the "
-                         "source): " + ", ".join(f"{why} {n}" for why, n
-                                                 in self.not_rewritten_by_reason.items()))
-        if self.failed_by_code:
-            lines.append("  failures by code: " +
-                         ", ".join(f"{code} {n}" for code, n in self.failed_by_code.items()))
+            counters.append(("rows would not be rewritten" if dry else "rows not rewritten",
+                             self.not_rewritten, "objects, rows left on the source: " + ", ".join(
+                                 f"{why} {n}" for why, n in self.not_rewritten_by_reason.items())))
         if cfg.delete_source:
-            lines.append(f"  sources deleted        {self.deleted}")
-            lines.append(f"  changed since copy     {self.changed_since_copy} (kept, copied "
-                         "again)")
-            lines.append(f"  sources kept           {self.sources_kept} (still named by a row, "
-                         "or copy unconfirmed)")
+            counters += [("sources deleted", self.deleted, ""),
+                         ("changed since copy", self.changed_since_copy, "kept, copied again"),
+                         ("sources kept", self.sources_kept,
+                          "still named by a row, or copy unconfirmed")]
+        width = max(len(label) for label, _, _ in counters)
+        digits = max(len(str(n)) for _, n, _ in counters)
+        lines = [title] + [f"  {label:<{width}}  {n:>{digits}}" + (f"  {note}" if note else "")
+                           for label, n, note in counters]
         if self.rows_left_under_source is not None:
             lines.append(f"  rows under {cfg.source_prefix} with no object moved (table-wide): "
                          f"{self.rows_left_under_source}")
@@ -356,11 +355,41 @@ def object_record(item: Item, dry_run: bool) -> dict:
             "rows": item.rows, "error": item.error or None}
 
 
+class AboveTheBar(logging.StreamHandler):
+    """Writes each line with tqdm.write: the bar is cleared, the line written, the
+    bar redrawn below it; a plain write would land in the middle of the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler does
+            self.handleError(record)
+
+
+def above_the_bar(logger: logging.Logger) -> list[tuple[logging.Handler, logging.Handler]]:
+    """Swap the logger's terminal handlers for ones that write above the bar, with the
+    same level, format and filters (what tqdm's logging_redirect_tqdm does, less the
+    level it drops: the logger passes DEBUG on for --log-file). Returns the swaps."""
+    swaps = []
+    for handler in list(logger.handlers):
+        if type(handler) is logging.StreamHandler and getattr(handler, "stream", None) in (
+                sys.stderr, sys.stdout):
+            mine = AboveTheBar(handler.stream)
+            mine.setLevel(handler.level)
+            mine.setFormatter(handler.formatter)
+            for f in handler.filters:
+                mine.addFilter(f)
+            logger.removeHandler(handler)
+            logger.addHandler(mine)
+            swaps.append((mine, handler))
+    return swaps
+
+
 class Reporter:
     def __init__(self, cfg: Settings, quiet: bool):
         self.cfg, self.quiet = cfg, quiet
         self.bar = None
-        self.total: int | None = None
         self.report = self.report_file = self.jsonl = None
         self.last_log = time.monotonic()
         self.window = None  # the run's Window: the progress line shows its size
@@ -371,14 +400,12 @@ class Reporter:
             self.report.writerow(["source_key", "dest_key", "action", "rows_rewritten", "error"])
         if cfg.jsonl:
             self.jsonl = open(cfg.jsonl, "w", encoding="utf-8")
+        self.console: list[tuple[logging.Handler, logging.Handler]] = []
         if not quiet and cfg.progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=None, unit="obj", file=sys.stderr, dynamic_ncols=True,
                             desc="dry run" if cfg.dry_run else "migrating")
-
-    def set_total(self, total: int) -> None:
-        """From the counting thread; the bar itself is only touched by the main thread."""
-        self.total = total
+            self.console = above_the_bar(log)
 
     def item(self, item: Item, stats: Stats) -> None:
         if self.report:
@@ -413,8 +440,6 @@ class Reporter:
                             "it with SSE-S3 or SSE-KMS, then rerun", item.src.key, item.dest_key,
                             item.error)
         if self.bar is not None:
-            if self.total is not None and self.bar.total != self.total:
-                self.bar.total = self.total
             if self.window is not None and self.bar.n % 50 == 0:
                 self.bar.set_postfix_str(f"window {self.window.size}", refresh=False)
             self.bar.update(1)
@@ -454,6 +479,10 @@ class Reporter:
                         "--log-file PATH to keep every one); the summary counts them", what)
 
     def close(self) -> None:
+        for mine, theirs in self.console:
+            log.removeHandler(mine)
+            log.addHandler(theirs)
+        self.console = []
         if self.bar is not None:
             self.bar.close()
         if self.report_file:

@@ -32,8 +32,7 @@ from .listing import Listing, Obj, check_manifest, listed, read_manifest
 from .pacing import Answer, PacedClient, RequestPath, Window
 from .incurable import ARCHIVED_CODES, Streak
 from .identity import sse_c_refused
-from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, sse_c,
-                       wanted)
+from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, sse_c)
 from .regions import Regions, discover, route
 from .report import (COPIED, FAILED, NOT_REWRITTEN, ROWS_ONLY, SKIPPED, Reporter, Stats,
                      Summary)
@@ -456,9 +455,8 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
              engine.name, f", shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "",
              settings_source(cfg))
     stats = Stats(hidden_rows=hidden)
+    # The bar has no total: a total would take a second full listing of the source.
     reporter = Reporter(cfg, quiet)
-    if reporter.bar is not None and not cfg.manifest:
-        count_in_background(pages, cfg, reporter, stop)
     interrupted = False
     try:
         migration = Migration(s3, engine, db, cfg, reporter, stop, stats)
@@ -505,22 +503,6 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
 def settings_source(cfg: Settings) -> str:
     return f"{cfg.env_file}, the environment and flags" if cfg.env_file else \
         "the environment and flags (no .env read)"
-
-
-def count_in_background(engine: Paced, cfg: Settings, reporter: Reporter,
-                        stop: threading.Event) -> None:
-    """A second, count-only listing gives the progress bar a total and an ETA."""
-    def count():
-        n = 0
-        try:
-            for o in Listing(engine, cfg.source_bucket, cfg.source_prefix):
-                if stop.is_set():
-                    return
-                n += wanted(o.key, cfg)
-            reporter.set_total(n)
-        except Exception:  # the bar just has no total
-            pass
-    threading.Thread(target=count, name="counter", daemon=True).start()
 
 
 def preflight(s3, db: Database | None, cfg: Settings, buckets: bool = True) -> None:

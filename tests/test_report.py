@@ -7,9 +7,11 @@ here only, once through move.main() and once per variant through to_text().
 from __future__ import annotations
 
 import csv
+import io
 import dataclasses
 import json
 import re
+import sys
 
 import pytest
 
@@ -18,7 +20,7 @@ from avatarmove.listing import Obj
 from avatarmove.planning import COPY, Item
 from avatarmove.report import ACTION_COUNTERS, Reporter, Stats, Summary
 from avatarmove.settings import Settings
-from conftest import PNG, ROOT, insert_rows, put, summary
+from conftest import PNG, ROOT, SOURCE, insert_rows, put, summary
 
 # The keys `move.py --json` promises (others may be added, none taken away).
 JSON_KEYS = {"run_id", "dry_run", "interrupted", "listed", "copied", "rows_only", "skipped",
@@ -169,7 +171,7 @@ TEXT = {
     "stopped": ({"stopped": STOPPED, "failed": 57, "failed_by_code": {"AccessDenied": 57},
                  "interrupted": True}, {},
                 ["Run 20250101T000000Z-abc123 (stopped: errors a rerun cannot cure, see below)",
-                 "  failed                 57", "  failures by code: AccessDenied 57",
+                 "  failed 57 AccessDenied 57",
                  "  " + STOPPED], ["rerun to", "interrupted"]),
 }
 
@@ -178,13 +180,29 @@ TEXT = {
 def test_to_text_labels(variant):
     fields, cfg, present, absent = TEXT[variant]
     text = a_summary(**fields).to_text(settings(**cfg))
-    lines = text.splitlines()
+    lines = ["  " + " ".join(line.split()) if line.startswith("  ") else line
+             for line in text.splitlines()]  # the spacing is test_to_text_aligns' business
     for line in present:
+        line = "  " + " ".join(line.split()) if line.startswith("  ") else line
         assert line in lines, f"{line!r} not in:\n{text}"
     for fragment in absent:
         assert fragment not in text, f"{fragment!r} in:\n{text}"
     assert re.search(r"^  row plan: snapshot; S3 requests: 19\b", text, re.M), text
     assert re.search(r"^  elapsed 2\.0s, \d+ objects/s$", text, re.M), text
+
+
+def test_to_text_aligns_labels_and_figures():
+    """Labels in one column, figures right-aligned in the next, whatever their widths."""
+    text = a_summary(listed=123456, archived=2, failed=1,
+                     failed_by_code={"SlowDown": 1}).to_text(settings(delete_source=True))
+    rows = [line for line in text.splitlines()[1:]
+            if re.match(r"  \S.*?  +\d+(  .*)?$", line) and ":" not in line.split("  ")[1]]
+    assert len(rows) >= 12, text
+    ends = {re.match(r"(  \S.*?  +\d+)", line).end() for line in rows}
+    starts = {len(line) - len(line[2:].lstrip(" ")) for line in rows}
+    assert len(ends) == 1, text  # every figure ends in the same column
+    assert starts == {2}, text
+    assert "  failed" in text and re.search(r"^  failed +1  SlowDown 1$", text, re.M), text
 
 
 # --------------------------------------------------------------------------- Stats
@@ -362,3 +380,39 @@ def test_every_field_in_the_schema_is_explained_in_docs_json_md():
     names = {name for d in schema_for()["$defs"].values() for name in d.get("properties", {})}
     missing = sorted(n for n in names if f"`{n}`" not in text)
     assert not missing, f"docs/json.md does not explain {missing}"
+
+
+# --------------------------------------------------------------------------- the terminal
+
+
+class Tty(io.StringIO):
+    """stderr as a terminal: the progress bar is drawn."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_lines_never_land_inside_the_progress_bar(run, s3, db, dsn, monkeypatch,
+                                                      tmp_path):
+    """Lines logged while the bar is drawn (by any thread) start on a line of their
+    own: never 'migrating: 0obj [00:00, ?obj/s]INFO no index on ...'."""
+    from avatarmove.listing import Listing
+    for k in ("a", "b", "c"):
+        put(s3, f"image/{k}.png", PNG + k.encode())
+    insert_rows(db, ["image/a.png", "image/b.png"])
+    listings = []
+    real = Listing._raw_pages
+
+    def counted(self):
+        listings.append(self.bucket)
+        return real(self)
+    monkeypatch.setattr(Listing, "_raw_pages", counted)
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+
+    assert move.main(["--db", dsn, "--engine", "boto3", "--json"]) == 0  # not --quiet
+    err = tty.getvalue()
+    assert "migrating" in err and "INFO no index on avatars(path)" in err, err
+    assert not re.search(r"[^\r\n]INFO ", err), err  # every log line starts a line
+    # the bar's total would cost a second full listing of the source: there is none
+    assert listings.count(SOURCE) == 1, listings

@@ -142,3 +142,25 @@ def test_the_terminal_shows_20_of_a_kind_and_report_and_json_have_all(run, s3, d
     assert run("--verify") == 1
     s = summary(capsys.readouterr().out)
     assert s["problem_count"] == len(s["problems"]) == 25
+
+
+def test_verify_is_right_on_a_server_that_lists_folders_first(run, s3, db, capsys, monkeypatch):
+    """SeaweedFS lists a folder before its sibling files ('a/b.png' before 'a-c.png'),
+    not in byte order: no row whose object exists may be called DANGLING, no copy
+    MISSING, and a row that does dangle is still found."""
+    from avatarmove.listing import Listing
+    names = ["a-c", "a/b", "a/c/d", "a0", "b", "b/x", "b-y"]
+    migrated(run, s3, db, capsys, names=names)
+    insert_rows(db, ["avatar/a/ghost.png"])
+    real = Listing._raw_pages
+
+    def folder_first(self):
+        for page in real(self):
+            yield sorted(page, key=lambda o: o.key.split("/"))
+    monkeypatch.setattr(Listing, "_raw_pages", folder_first)
+
+    assert run("--verify") == 1
+    s = summary(capsys.readouterr().out)
+    assert [(p["kind"], p["key"]) for p in s["problems"]] == \
+        [("DANGLING-ROW", "avatar/a/ghost.png")], s["problems"]
+    assert s["checked_objects"] == len(names)
