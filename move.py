@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         session = aws_session()  # one credential chain for the boto3 client and the CRT
         # One attempt per call: the request path retries, paces and observes every one.
         s3 = path.client(make_s3_client(1, cfg.retry_mode, pool=cfg.workers + 8,
-                                        session=session))
+                                        session=session, request_payer=cfg.request_payer))
         if args.verify:
             return verify(s3, cfg)
         if args.rollback:

@@ -28,8 +28,8 @@ from .identity import NeedsCustomerKey, described, identical
 from .listing import Obj
 from .pacing import (SERVER_ERRORS, THROTTLE_CODES, PacedClient, RequestPath,  # noqa: F401
                      S3RequestError, backoff, describe, retryable)
-from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, Item, archived,
-                       needs_restore, same_content, sse_c)
+from .planning import (ARCHIVED_CLASSES, CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, Item,
+                       archived, needs_restore, same_content, sse_c)
 from .settings import Settings, UsageError
 
 log = logging.getLogger("move")
@@ -54,7 +54,7 @@ def aws_session(**kwargs) -> boto3.session.Session:
 
 
 def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: int = 50,
-                   session: boto3.session.Session | None = None):
+                   session: boto3.session.Session | None = None, request_payer: bool = False):
     """The one place an S3 client is made, so tests can swap in moto.
 
     Region, credentials and endpoint (AWS_ENDPOINT_URL) come from boto3's
@@ -70,7 +70,44 @@ def make_s3_client(max_attempts: int = 10, retry_mode: str = "standard", pool: i
         read_timeout=120,
         tcp_keepalive=True,
     )
-    return (session or aws_session()).client("s3", config=config)
+    client = (session or aws_session()).client("s3", config=config)
+    # Signed with the rest of the request, so added before signing.
+    client.meta.events.register("before-sign.s3.CopyObject", _lock_ready)
+    if request_payer:
+        client.meta.events.register("before-sign.s3", _requester_pays)
+    return client
+
+
+# A CopyObject has no body; this is the MD5 of that empty body. S3 asks uploads into a
+# bucket with Object Lock default retention for one: "The Content-MD5 or
+# x-amz-sdk-checksum-algorithm header is required for any request to upload an object
+# with a retention period configured using Amazon S3 Object Lock" (PutObject API
+# reference); moto refuses a CopyObject there without it. It is true of every copy
+# (S3 checks Content-MD5 against the body it received), so every copy carries it.
+EMPTY_BODY_MD5 = "1B2M2Y8AsgTpgAmY7PhCfg=="
+# Requester Pays buckets: "For DELETE, GET, HEAD, POST, and PUT requests, include
+# x-amz-request-payer : requester in the header"; without it S3 answers 403.
+REQUESTER_PAYS = ("x-amz-request-payer", "requester")
+
+
+def _lock_ready(request, **_) -> None:
+    if "Content-MD5" not in request.headers:
+        request.headers["Content-MD5"] = EMPTY_BODY_MD5
+
+
+def _requester_pays(request, **_) -> None:
+    request.headers[REQUESTER_PAYS[0]] = REQUESTER_PAYS[1]
+
+
+def copy_class(src: Obj, cfg: Settings) -> str | None:
+    """The storage class of src's copy: --storage-class, else the source's own (S3
+    makes a copy STANDARD unless told otherwise). None: STANDARD, nothing to send.
+
+    A restored GLACIER or DEEP_ARCHIVE source is the exception: it was restored to be
+    read, and a copy made in its class would be archived again, unreadable."""
+    chosen = cfg.storage_class or (None if src.storage_class in ARCHIVED_CLASSES
+                                   else src.storage_class)
+    return None if chosen in (None, "", "STANDARD") else chosen
 
 
 # aws-c-s3 sizes its connection pool once, from the throughput target:
@@ -134,11 +171,13 @@ class Engine(ABC):
 
     @abstractmethod
     def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
-              reply: Reply) -> None:
-        """Send one CopyObject without blocking; reply(etag, failure) once, from any thread."""
+              reply: Reply, storage_class: str | None = None) -> None:
+        """Send one CopyObject without blocking; reply(etag, failure) once, from any thread.
+        storage_class: the copy's (copy_class); None leaves S3's default, STANDARD."""
 
     @abstractmethod
-    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> str | None:
+    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
+             storage_class: str | None = None) -> str | None:
         """One CopyObject, blocking: the copy's ETag, or its error raised."""
 
     @abstractmethod
@@ -172,16 +211,17 @@ class Boto3Engine(Engine):
         self._pool: ThreadPoolExecutor | None = None
 
     def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
-              reply: Reply) -> None:
+              reply: Reply, storage_class: str | None = None) -> None:
         # botocore blocks: a thread waits for each copy in flight
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="copy")
-        self._pool.submit(self._answer, src_bucket, src_key, dst_bucket, dst_key, reply)
+        self._pool.submit(self._answer, src_bucket, src_key, dst_bucket, dst_key, reply,
+                          storage_class)
 
     def _answer(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
-                reply: Reply) -> None:
+                reply: Reply, storage_class: str | None) -> None:
         try:
-            etag = self.copy(src_bucket, src_key, dst_bucket, dst_key)
+            etag = self.copy(src_bucket, src_key, dst_bucket, dst_key, storage_class)
         except Exception as exc:  # a bug fails this copy, never the coordinator's wait
             if not isinstance(exc, (ClientError, BotoCoreError, OSError)):
                 log.debug("unexpected error copying %s", src_key, exc_info=True)
@@ -191,9 +231,11 @@ class Boto3Engine(Engine):
         else:
             reply(etag, None)
 
-    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> str | None:
+    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
+             storage_class: str | None = None) -> str | None:
+        extra = {"StorageClass": storage_class} if storage_class else {}
         resp = self.s3.copy_object(CopySource={"Bucket": src_bucket, "Key": src_key},
-                                   Bucket=dst_bucket, Key=dst_key)
+                                   Bucket=dst_bucket, Key=dst_key, **extra)
         return (resp.get("CopyObjectResult", {}).get("ETag") or "").strip('"') or None
 
     def close(self) -> None:
@@ -228,7 +270,7 @@ class CrtEngine(Engine):
     name = "crt"
 
     def __init__(self, s3, connections: int, session: boto3.session.Session | None = None,
-                 regions=None):
+                 regions=None, request_payer: bool = False):
         from awscrt.http import HttpHeaders, HttpRequest
         from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
         from awscrt.s3 import (S3Client, S3RequestTlsMode, S3RequestType, S3RetryConfig,
@@ -255,6 +297,8 @@ class CrtEngine(Engine):
                 self.netlocs[bucket] = regional_netloc(url.netloc, region)
             self.signing[bucket] = create_default_s3_signing_config(
                 region=region, credential_provider=credentials)
+        # Sent with every request, as the boto3 client does (make_s3_client).
+        self.always = [REQUESTER_PAYS] if request_payer else []
         self.pending: dict[object, object] = {}
         elg = EventLoopGroup(1)  # one native loop thread: less contention on 2 cores
         self.client = S3Client(
@@ -297,7 +341,8 @@ class CrtEngine(Engine):
             type=self.default_type, operation_name=operation,
             signing_config=self.signing.get(bucket),
             request=self.request_type(method, path + (f"?{query}" if query else ""),
-                                      self.headers_type([("Host", host), *headers])),
+                                      self.headers_type([("Host", host), *headers,
+                                                         *self.always])),
             on_body=lambda chunk, **_: body.append(chunk), on_done=on_done)
 
     def close(self) -> None:
@@ -313,19 +358,21 @@ class CrtEngine(Engine):
         return value
 
     def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
-              reply: Reply) -> None:
+              reply: Reply, storage_class: str | None = None) -> None:
         def finished(body: bytes | None, failure: BaseException | None) -> None:
             etag = ETAG.search(body or b"")
             reply(etag.group(1).decode() if etag else None, failure)
-        self._send("PUT", dst_bucket, quote_key(dst_key), "",
-                   [("Content-Length", "0"),
-                    ("x-amz-copy-source", quote_key(f"{src_bucket}/{src_key}"))],
-                   "CopyObject", finished)
+        headers = [("Content-Length", "0"), ("Content-MD5", EMPTY_BODY_MD5),
+                   ("x-amz-copy-source", quote_key(f"{src_bucket}/{src_key}"))]
+        if storage_class:
+            headers.append(("x-amz-storage-class", storage_class))
+        self._send("PUT", dst_bucket, quote_key(dst_key), "", headers, "CopyObject", finished)
 
-    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> str | None:
+    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
+             storage_class: str | None = None) -> str | None:
         answer: queue.SimpleQueue = queue.SimpleQueue()
         self.start(src_bucket, src_key, dst_bucket, dst_key,
-                   lambda value, failure: answer.put((value, failure)))
+                   lambda value, failure: answer.put((value, failure)), storage_class)
         value, failure = answer.get()
         if failure is not None:
             raise failure
@@ -415,7 +462,7 @@ def make_engine(s3, cfg: Settings, session: boto3.session.Session | None = None,
     (regions.Regions): where each bucket is; the boto3 client follows it already."""
     if cfg.engine in ("auto", "crt"):
         try:
-            return CrtEngine(s3, cfg.workers, session, regions)
+            return CrtEngine(s3, cfg.workers, session, regions, cfg.request_payer)
         except ImportError:
             if cfg.engine == "crt":
                 raise UsageError("--engine crt needs the awscrt package: "
@@ -468,7 +515,8 @@ def copy_one(s3: PacedClient, engine: Engine, item: Item, cfg: Settings) -> Item
             item.verified = h is not None and h.get("ContentLength") == item.src.size
         else:
             etag = s3.path.call(lambda: engine.copy(cfg.source_bucket, item.src.key,
-                                                    cfg.dest_bucket, item.dest_key))
+                                                    cfg.dest_bucket, item.dest_key,
+                                                    copy_class(item.src, cfg)))
             item.verified = same_content(item.src, Obj(item.dest_key, item.src.size, etag)) is True
         item.action = "copied"
     except NeedsCustomerKey:
@@ -503,6 +551,8 @@ def copy_multipart(s3, item: Item, cfg: Settings) -> None:
     if h is None:
         raise LookupError("source object no longer exists")
     extra = {"Metadata": h.get("Metadata", {})}
+    if copy_class(item.src, cfg):
+        extra["StorageClass"] = copy_class(item.src, cfg)
     for name in ("ContentType", "CacheControl", "ContentDisposition", "ContentEncoding",
                  "ContentLanguage"):
         if h.get(name):

@@ -60,10 +60,12 @@ def hint(code: str, cfg: Settings | None, copying: bool = True) -> str:
         return _KMS
     if code in _HINTS:
         return _HINTS[code].format(**names)
+    payer = ("" if cfg is None or cfg.request_payer or code not in ("AccessDenied", "403")
+             else "; a Requester Pays bucket answers so without --request-payer")
     if copying:
-        return _ACCESS.format(**names)
+        return _ACCESS.format(**names) + payer
     return ("check the IAM policy (README, Permissions): s3:ListBucket on {src} and {dst}, "
-            "s3:GetObject on {src}/{sp}*, s3:PutObject on {dst}/{dp}*").format(**names)
+            "s3:GetObject on {src}/{sp}*, s3:PutObject on {dst}/{dp}*").format(**names) + payer
 
 
 class Streak:

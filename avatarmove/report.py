@@ -78,6 +78,7 @@ class Stats:
     sources_kept: int = 0  # --delete-source: sources kept for another reason (see the log)
     rows_other_forms: int | None = None  # rows naming a source key as a URL, '/key', 'key?v'
     hidden_rows: str | None = None  # row-level security hides rows from this role: why
+    storage_classes: Counter = field(default_factory=Counter)  # copied (to copy): source class
 
     @property
     def finished(self) -> int:
@@ -92,6 +93,8 @@ class Stats:
             self.failed_by_code[item.code or "unknown"] += 1
         elif item.action == NOT_REWRITTEN:
             self.not_rewritten_by_reason[item.error] += 1
+        elif item.action == COPIED:
+            self.storage_classes[item.src.storage_class or "STANDARD"] += 1
 
 
 @dataclass
@@ -127,6 +130,8 @@ class Summary:
     sources_kept: int = 0  # sources --delete-source kept for another reason
     rows_other_forms: int | None = None  # rows naming a source key in a form not rewritten
     hidden_rows: str | None = None  # set when row-level security hides rows from the role
+    # objects copied (a dry run: to copy) by their source's storage class
+    storage_classes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, stats: Stats, cfg: Settings, run_id: str, row_plan: str, requests: int,
@@ -146,7 +151,8 @@ class Summary:
                    failed_by_code=dict(stats.failed_by_code.most_common()),
                    stopped=stats.stopped, changed_since_copy=stats.changed_since_copy,
                    sources_kept=stats.sources_kept, rows_other_forms=stats.rows_other_forms,
-                   hidden_rows=stats.hidden_rows)
+                   hidden_rows=stats.hidden_rows,
+                   storage_classes=dict(sorted(stats.storage_classes.items())))
 
     def exit_code(self) -> int:
         if self.interrupted:
@@ -251,6 +257,11 @@ class Summary:
         digits = max(len(str(n)) for _, n, _ in counters)
         lines = [title] + [f"  {label:<{width}}  {n:>{digits}}" + (f"  {note}" if note else "")
                            for label, n, note in counters]
+        if self.storage_classes:
+            kept = (f"copies in {cfg.storage_class} (--storage-class)" if cfg.storage_class
+                    else "copies keep their source's class")
+            lines.append("  storage classes: " + ", ".join(
+                f"{name} {n}" for name, n in self.storage_classes.items()) + f" ({kept})")
         if self.rows_left_under_source is not None:
             lines.append(f"  rows under {cfg.source_prefix} with no object moved (table-wide): "
                          f"{self.rows_left_under_source}")

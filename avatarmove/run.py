@@ -23,7 +23,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionE
                                  NoCredentialsError, PartialCredentialsError)
 
 from . import copying, references
-from .copying import Engine, Paced, copy_answered, describe_error, make_engine
+from .copying import Engine, Paced, copy_answered, copy_class, describe_error, make_engine
 from .database import Database
 from .deleting import Deleter, source_versioning, versioning_warning
 from .journal import ensure_journal
@@ -178,7 +178,8 @@ class Migration:
                 (item.src.size or 0) <= cfg.multipart_threshold:
             self.path.start(
                 lambda reply: self.engine.start(cfg.source_bucket, item.src.key,
-                                                cfg.dest_bucket, item.dest_key, reply),
+                                                cfg.dest_bucket, item.dest_key, reply,
+                                                copy_class(item.src, cfg)),
                 lambda answer: self.done_q.put((item, answer)))
         else:
             item.sent_at = self.clock()
@@ -532,8 +533,8 @@ def check_buckets(s3, cfg: Settings) -> Regions:
         raise UsageError(f"source and destination overlap (s3://{cfg.source_bucket}/"
                          f"{cfg.source_prefix} and {cfg.dest_prefix}); choose distinct prefixes")
     regions = Regions(s3.meta.region_name or "us-east-1")
-    found = together([lambda: check_bucket(s3, "source", cfg.source_bucket),
-                      lambda: check_bucket(s3, "destination", cfg.dest_bucket)])
+    found = together([lambda: check_bucket(s3, "source", cfg.source_bucket, cfg),
+                      lambda: check_bucket(s3, "destination", cfg.dest_bucket, cfg)])
     regions[cfg.source_bucket], regions[cfg.dest_bucket] = found
     route(s3, regions)
     for bucket, region in regions.other().items():
@@ -550,7 +551,7 @@ def together(calls: list) -> list:
     return [future.result() for future in futures]
 
 
-def check_bucket(s3, role: str, bucket: str) -> str:
+def check_bucket(s3, role: str, bucket: str, cfg: Settings | None = None) -> str:
     """HeadBucket: the bucket exists and we may list it; returns its region."""
     try:
         answer = s3.head_bucket(Bucket=bucket)
@@ -561,8 +562,11 @@ def check_bucket(s3, role: str, bucket: str) -> str:
             raise UsageError(f"{role} bucket {bucket!r} does not exist; check the bucket name "
                              f"and AWS_ENDPOINT_URL/region") from None
         if code in ("403", "AccessDenied", "Forbidden"):
+            payer = "" if cfg is None or cfg.request_payer else (
+                "; if it is a Requester Pays bucket (S3 answers 403 to requests that do not "
+                "say who pays), pass --request-payer")
             raise UsageError(f"no access to {role} bucket {bucket!r}; check the credentials and "
-                             "the IAM policy in the README") from None
+                             f"the IAM policy in the README{payer}") from None
         raise UsageError(f"cannot reach {role} bucket {bucket!r}: {describe_error(exc)}") from None
     except (NoCredentialsError, PartialCredentialsError):
         raise UsageError("no AWS credentials found; set AWS_PROFILE or AWS_ACCESS_KEY_ID and "

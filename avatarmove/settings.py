@@ -16,6 +16,10 @@ log = logging.getLogger("move")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 COPY_OBJECT_LIMIT = 5 * 1024 ** 3  # CopyObject refuses sources larger than this
+# The storage classes CopyObject's x-amz-storage-class takes (S3 API reference).
+STORAGE_CLASSES = ("STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA",
+                   "INTELLIGENT_TIERING", "GLACIER", "DEEP_ARCHIVE", "GLACIER_IR", "OUTPOSTS",
+                   "EXPRESS_ONEZONE", "SNOW")
 
 #: (env var, flag dest, default)
 SETTINGS = [
@@ -63,6 +67,8 @@ class Settings:
     max_rate: float | None = None
     env_file: str | None = None  # the .env file read, by full path
     lock_wait: float = 30.0  # seconds a row locked by another transaction is waited for
+    storage_class: str | None = None  # every copy's class (--storage-class); None: the source's
+    request_payer: bool = False  # --request-payer: x-amz-request-payer: requester on every request
 
 
 def normalize_prefix(prefix: str) -> str:
@@ -185,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="BYTES", help="multipart copy above this size (default 5 GiB)")
     g.add_argument("--multipart-chunksize", type=positive_int, default=256 * 1024 ** 2,
                    metavar="BYTES", help="part size of multipart copies (default 256 MiB)")
+    g.add_argument("--storage-class", choices=STORAGE_CLASSES, metavar="CLASS",
+                   help="storage class of every copy (default: each copy keeps its source's "
+                        "class, e.g. STANDARD_IA, INTELLIGENT_TIERING, GLACIER_IR)")
+    g.add_argument("--request-payer", action="store_true",
+                   help="the buckets are Requester Pays and this account pays: send "
+                        "x-amz-request-payer: requester with every request")
     g = p.add_argument_group("output")
     g.add_argument("--report", metavar="PATH",
                    help="write a CSV line per object: source_key, dest_key, action, "
@@ -285,7 +297,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         report=args.report, jsonl=args.jsonl, multipart_threshold=args.multipart_threshold,
         multipart_chunksize=max(args.multipart_chunksize, 5 * 1024 ** 2),
         progress=not args.quiet, engine=args.engine, json=args.json, max_rate=args.max_rate,
-        env_file=args.env_file_read, lock_wait=args.lock_wait)
+        env_file=args.env_file_read, lock_wait=args.lock_wait,
+        storage_class=args.storage_class, request_payer=args.request_payer)
 
 
 def setup_logging(quiet: bool, log_file: str | None) -> None:

@@ -558,11 +558,11 @@ def fail_copy_of(monkeypatch, *failing: str) -> None:
     from avatarmove.copying import Boto3Engine
     real = Boto3Engine.copy
 
-    def copy(self, src_bucket, src_key, dst_bucket, dst_key):
+    def copy(self, src_bucket, src_key, dst_bucket, dst_key, storage_class=None):
         if src_key in failing:
             raise ClientError({"Error": {"Code": "InvalidRequest", "Message": "injected failure"},
                                "ResponseMetadata": {"HTTPStatusCode": 400}}, "CopyObject")
-        return real(self, src_bucket, src_key, dst_bucket, dst_key)
+        return real(self, src_bucket, src_key, dst_bucket, dst_key, storage_class)
     monkeypatch.setattr(Boto3Engine, "copy", copy)
 
 

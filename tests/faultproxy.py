@@ -309,7 +309,10 @@ class FaultProxy:
                         f"<Region>{expected}</Region>")
                     self._refuse(400, "Bad Request", data, [("x-amz-bucket-region", expected)])
                     return True
-                if bucket in proxy.requester_pays and not payer:
+                # a copy reads its source: that bucket's owner is asked to pay too
+                source = unquote(self.headers.get("x-amz-copy-source", "")).lstrip("/")
+                named = {bucket, source.split("/", 1)[0]} if source else {bucket}
+                if named & proxy.requester_pays and not payer:
                     with proxy.lock:
                         proxy.refused["requester-pays", operation] += 1
                     # AWS (Downloading objects from Requester Pays buckets): "For DELETE,

@@ -11,7 +11,7 @@ from botocore.credentials import CredentialProvider, CredentialResolver, Refresh
 import move
 from avatarmove.copying import Boto3Engine, aws_session, crt_credentials
 from avatarmove.listing import Listing, Obj
-from conftest import DEST, SOURCE, insert_rows, keys, moto_backend, rows, summary
+from conftest import DEST, PNG, SOURCE, insert_rows, keys, moto_backend, rows, summary
 
 TRICKY = [
     "image/plain.png",
@@ -132,10 +132,10 @@ def test_an_unexpected_error_in_one_copy_fails_that_object_and_the_run_ends(s3, 
     insert_rows(db, ["image/a.png", "image/boom.png", "image/c.png"])
     real = Boto3Engine.copy
 
-    def flaky(self, src_bucket, src_key, dst_bucket, dst_key):
+    def flaky(self, src_bucket, src_key, dst_bucket, dst_key, storage_class=None):
         if src_key == "image/boom.png":
             raise RuntimeError("simulated bug")
-        return real(self, src_bucket, src_key, dst_bucket, dst_key)
+        return real(self, src_bucket, src_key, dst_bucket, dst_key, storage_class)
     monkeypatch.setattr(Boto3Engine, "copy", flaky)
 
     assert run() == 1
@@ -176,3 +176,108 @@ def test_the_crt_follows_credentials_that_refresh_themselves():
     second = provider.get_credentials().result(timeout=5).access_key_id
     assert first.startswith("AKIDROTATED") and second.startswith("AKIDROTATED")
     assert int(second.removeprefix("AKIDROTATED")) > int(first.removeprefix("AKIDROTATED"))
+
+
+# ---------------------------------------------------------------- storage classes
+
+CLASSES = ["STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
+           "REDUCED_REDUNDANCY"]
+
+
+def seed_classes(client, db) -> None:
+    for cls in CLASSES:
+        client.put_object(Bucket=SOURCE, Key=f"image/{cls.lower()}.png", Body=PNG + cls.encode(),
+                          StorageClass=cls)
+    insert_rows(db, [f"image/{cls.lower()}.png" for cls in CLASSES])
+
+
+def dest_classes(client) -> dict[str, str]:
+    """key -> storage class, from HEAD (the listing's own answer is what is checked)."""
+    return {k: client.head_object(Bucket=DEST, Key=k).get("StorageClass", "STANDARD")
+            for k in keys(client, DEST)}
+
+
+def test_copies_keep_their_sources_storage_class(s3, db, run, capsys):
+    """The listing gives each source's class; the copy is made in it (S3 would make it
+    STANDARD: a cost change on millions of objects)."""
+    seed_classes(s3, db)
+    assert run("--dry-run") == 0
+    assert summary(capsys.readouterr().out)["storage_classes"] == {c: 1 for c in CLASSES}
+    assert run() == 0
+    assert summary(capsys.readouterr().out)["storage_classes"] == {c: 1 for c in CLASSES}
+    assert dest_classes(s3) == {f"avatar/{c.lower()}.png": c for c in CLASSES}
+
+
+def test_storage_class_flag_names_every_copys_class(s3, db, run, capsys):
+    seed_classes(s3, db)
+    assert run("--storage-class", "STANDARD_IA") == 0
+    assert set(dest_classes(s3).values()) == {"STANDARD_IA"}
+    with pytest.raises(SystemExit) as refused:  # not a class: one line, exit 2
+        run("--storage-class", "FROZEN")
+    assert refused.value.code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["crt", "boto3"])
+def test_storage_class_kept_by_both_engines(engine, cli, s3http, db):
+    seed_classes(s3http, db)
+    p = cli("--engine", engine, "--json", "--dry-run")
+    assert p.code == 0 and summary(p.out)["storage_classes"] == {c: 1 for c in CLASSES}, p.err
+    p = cli("--engine", engine, "--json")
+    assert p.code == 0, p.out + p.err
+    assert dest_classes(s3http) == {f"avatar/{c.lower()}.png": c for c in CLASSES}
+    assert rows(db) == [f"avatar/{c.lower()}.png" for c in CLASSES]
+
+
+# ---------------------------------------------------------------- Object Lock
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["crt", "boto3"])
+def test_copies_into_a_bucket_with_default_retention(engine, cli, s3http, db):
+    """moto, as AWS for uploads, refuses a write into a bucket with Object Lock default
+    retention without Content-MD5 or a checksum header; each copy sends the MD5 of its
+    (empty) body, and lands under the bucket's retention."""
+    s3http.create_bucket(Bucket="locked", ObjectLockEnabledForBucket=True)
+    s3http.put_object_lock_configuration(Bucket="locked", ObjectLockConfiguration={
+        "ObjectLockEnabled": "Enabled",
+        "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}}})
+    for i in range(3):
+        s3http.put_object(Bucket=SOURCE, Key=f"image/{i}.png", Body=PNG + bytes([i]))
+    insert_rows(db, [f"image/{i}.png" for i in range(3)])
+    p = cli("--engine", engine, "--json", "--dest-bucket", "locked")
+    assert p.code == 0, p.out + p.err
+    assert summary(p.out)["copied"] == 3
+    assert keys(s3http, "locked") == [f"avatar/{i}.png" for i in range(3)]
+    assert s3http.head_object(Bucket="locked", Key="avatar/0.png")["ObjectLockMode"] == \
+        "GOVERNANCE"
+    assert rows(db) == [f"avatar/{i}.png" for i in range(3)]
+
+
+# ---------------------------------------------------------------- Requester Pays
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["crt", "boto3"])
+def test_requester_pays_source(engine, cli, s3http, db, endpoint):
+    """moto does not enforce Requester Pays; faultproxy answers as AWS does (403 to any
+    request on the bucket, a copy from it included, without x-amz-request-payer)."""
+    from faultproxy import FaultProxy
+    for i in range(4):
+        s3http.put_object(Bucket=SOURCE, Key=f"image/{i}.png", Body=PNG + bytes([i]))
+    insert_rows(db, [f"image/{i}.png" for i in range(4)])
+    with FaultProxy(endpoint, rate=0, requester_pays=(SOURCE,)) as proxy:
+        refused = cli("--engine", engine, "--json", env={"AWS_ENDPOINT_URL": proxy.url})
+        paid = cli("--engine", engine, "--json", "--request-payer", "--delete-source",
+                   env={"AWS_ENDPOINT_URL": proxy.url})
+    assert refused.code == 2, refused.out + refused.err
+    assert "no access to source bucket" in refused.err and "--request-payer" in refused.err
+    assert paid.code == 0, paid.out + paid.err
+    assert summary(paid.out)["copied"] == 4 and summary(paid.out)["deleted"] == 4
+    assert keys(s3http, DEST) == [f"avatar/{i}.png" for i in range(4)]
+    assert rows(db) == [f"avatar/{i}.png" for i in range(4)]
+    # only the run without the flag was refused (its HeadBucket); the paid run said so on
+    # every kind of request it sent
+    assert proxy.refused == {("requester-pays", "HeadBucket"): 1}, proxy.refused
+    assert {"HeadBucket", "ListObjects", "CopyObject", "POST"} <= set(proxy.payer_seen), \
+        proxy.payer_seen

@@ -144,7 +144,8 @@ class FakeEngine(Engine):
         self.slow_after = slow_after
         self.on_answer = None  # called after each answer (the test records the window)
 
-    def start(self, src_bucket, src_key, dst_bucket, dst_key, reply) -> None:
+    def start(self, src_bucket, src_key, dst_bucket, dst_key, reply,
+              storage_class=None) -> None:
         if self.slow_after is not None and self.done >= self.slow_after:
             self.server.latency = 0.5
         self.inflight += 1
