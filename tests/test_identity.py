@@ -111,3 +111,37 @@ def model_client(proxy: FaultProxy):
     """A client that sees S3 through the model, as move.py does."""
     import boto3
     return boto3.client("s3", endpoint_url=proxy.url)
+
+
+@ENGINES
+def test_sse_c_sources_are_their_own_kind(engine, cli, db, endpoint):
+    """SSE-C objects list like any other; HEAD answers 400 and CopyObject InvalidRequest
+    without their key (awsmodel). A dry run counts them apart from those to copy; a run
+    skips each after one refused copy, leaves its rows, says what to do, exits 1."""
+    model = AwsModel(backend())
+    names = [f"image/u{i:05d}.png" for i in range(6)]
+    for i, k in enumerate(names):
+        backend().put_object(SOURCE, k, content(i))
+    model.sse_c |= {(SOURCE, names[1]), (SOURCE, names[4])}
+    insert_rows(db, names)
+    with FaultProxy(endpoint, rate=0, model=model) as proxy:
+        env = {"AWS_ENDPOINT_URL": proxy.url}
+        dry = cli("--engine", engine, "--dry-run", "--json", env=env)
+        s = summary(dry.out)
+        assert dry.code == 0 and (s["sse_c"], s["copied"]) == (2, 4), dry.out + dry.err
+        assert proxy.seen["CopyObject"] == 0
+
+        p = cli("--engine", engine, "--json", "--max-attempts", "3", env=env)
+        s = summary(p.out)
+        assert p.code == 1, p.out + p.err
+        assert (s["sse_c"], s["copied"], s["failed"], s["stopped"]) == (2, 4, 0, None), s
+        assert model.refused["CopyObject", "InvalidRequest"] == 2  # one request each
+        assert rows(db) == [("image/" if i in (1, 4) else "avatar/") + f"u{i:05d}.png"
+                            for i in range(6)]
+        lines = [line for line in p.err.splitlines() if "SSE-C:" in line]
+        assert len(lines) == 2 and all("--copy-source-sse-customer-key" in line
+                                       for line in lines), p.err
+
+        again = cli("--engine", engine, "--json", env=env)
+        s = summary(again.out)
+        assert again.code == 1 and (s["sse_c"], s["copied"], s["skipped"]) == (2, 0, 4), s
