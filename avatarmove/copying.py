@@ -168,6 +168,7 @@ class Engine(ABC):
     """One attempt of a request, nothing more: the RequestPath around it takes the
     token, stamps when it left, tells the pacer what came back and retries."""
     name: str
+    copy_acl: str | None = None  # the canned ACL every copy is sent with (access.decide)
 
     @abstractmethod
     def start(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
@@ -234,6 +235,8 @@ class Boto3Engine(Engine):
     def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
              storage_class: str | None = None) -> str | None:
         extra = {"StorageClass": storage_class} if storage_class else {}
+        if self.copy_acl:
+            extra["ACL"] = self.copy_acl
         resp = self.s3.copy_object(CopySource={"Bucket": src_bucket, "Key": src_key},
                                    Bucket=dst_bucket, Key=dst_key, **extra)
         return (resp.get("CopyObjectResult", {}).get("ETag") or "").strip('"') or None
@@ -366,6 +369,8 @@ class CrtEngine(Engine):
                    ("x-amz-copy-source", quote_key(f"{src_bucket}/{src_key}"))]
         if storage_class:
             headers.append(("x-amz-storage-class", storage_class))
+        if self.copy_acl:
+            headers.append(("x-amz-acl", self.copy_acl))
         self._send("PUT", dst_bucket, quote_key(dst_key), "", headers, "CopyObject", finished)
 
     def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
@@ -553,6 +558,8 @@ def copy_multipart(s3, item: Item, cfg: Settings) -> None:
     extra = {"Metadata": h.get("Metadata", {})}
     if copy_class(item.src, cfg):
         extra["StorageClass"] = copy_class(item.src, cfg)
+    if cfg.copy_acl:  # S3 copies no ACL (access.py)
+        extra["ACL"] = cfg.copy_acl
     for name in ("ContentType", "CacheControl", "ContentDisposition", "ContentEncoding",
                  "ContentLanguage"):
         if h.get(name):

@@ -31,6 +31,7 @@ from .lock import take as take_lock
 from .listing import Listing, Obj, check_manifest, listed, read_manifest
 from .pacing import Answer, PacedClient, RequestPath, Window
 from .incurable import ARCHIVED_CODES, Streak
+from .access import decide as decide_access
 from .identity import sse_c_refused
 from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, sse_c)
 from .regions import Regions, discover, route
@@ -434,7 +435,8 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
     # the moment before this one takes the lock, its last copies are missing from
     # this destination listing and are copied again, with the same content.
     items = work(pages, cfg, stop)
-    preflight(s3, db, cfg, buckets=False)
+    preflight(s3, db, cfg, buckets=False, access=True)
+    engine.copy_acl = cfg.copy_acl
     hidden = references.hidden_rows(db)
     if hidden and cfg.delete_source:
         # A source only rows it cannot see still name would be deleted under them.
@@ -506,7 +508,8 @@ def settings_source(cfg: Settings) -> str:
         "the environment and flags (no .env read)"
 
 
-def preflight(s3, db: Database | None, cfg: Settings, buckets: bool = True) -> None:
+def preflight(s3, db: Database | None, cfg: Settings, buckets: bool = True,
+              access: bool = False) -> None:
     """Everything that can be wrong with the setup, checked before anything changes.
 
     The two buckets, the manifest and the database are checked at the same time:
@@ -521,6 +524,8 @@ def preflight(s3, db: Database | None, cfg: Settings, buckets: bool = True) -> N
             cfg.source_prefix))
     if db is not None:
         checks.append(db.preflight)
+    if access:  # the ACL copies get (access.py): a handful of requests
+        checks.append(lambda: setattr(cfg, "copy_acl", decide_access(s3, cfg)))
     together(checks)
 
 

@@ -69,6 +69,8 @@ class Settings:
     lock_wait: float = 30.0  # seconds a row locked by another transaction is waited for
     storage_class: str | None = None  # every copy's class (--storage-class); None: the source's
     request_payer: bool = False  # --request-payer: x-amz-request-payer: requester on every request
+    acl: str | None = None  # --acl: the canned ACL the user chose for every copy
+    copy_acl: str | None = None  # what copies are sent with, decided by access.decide()
 
 
 def normalize_prefix(prefix: str) -> str:
@@ -183,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=("auto", "crt", "boto3"), default="auto",
                    help="how copies are sent: the AWS Common Runtime (fast, native signing) "
                         "or boto3; auto picks crt when awscrt is installed")
+    g.add_argument("--acl", choices=("private", "public-read", "public-read-write",
+                                      "authenticated-read", "aws-exec-read",
+                                      "bucket-owner-read", "bucket-owner-full-control"),
+                   help="canned ACL for every copy (S3 does not copy ACLs). Default: the "
+                        "sources' own, found from a sample; a run whose public sources "
+                        "would get private copies stops first and says what to do. "
+                        "--acl private: owner-only copies are fine")
     g.add_argument("--max-attempts", type=positive_int, default=10,
                    help="attempts per S3 request, with backoff (default 10)")
     g.add_argument("--retry-mode", choices=("standard", "adaptive"), default="standard",
@@ -298,7 +307,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         multipart_chunksize=max(args.multipart_chunksize, 5 * 1024 ** 2),
         progress=not args.quiet, engine=args.engine, json=args.json, max_rate=args.max_rate,
         env_file=args.env_file_read, lock_wait=args.lock_wait,
-        storage_class=args.storage_class, request_payer=args.request_payer)
+        storage_class=args.storage_class, request_payer=args.request_payer, acl=args.acl)
 
 
 def setup_logging(quiet: bool, log_file: str | None) -> None:

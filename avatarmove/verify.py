@@ -4,11 +4,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import random
 import sys
 import threading
 from collections import Counter
 
+from botocore.exceptions import ClientError
+
 from . import references
+from .access import SAMPLE, less_readable
 from .copying import Boto3Engine, head
 from .database import Database
 from .identity import NeedsCustomerKey, described, identical
@@ -134,6 +138,8 @@ def check_objects(s3, db: Database, cfg: Settings, problem: Problems) -> int:
     src = Listing(engine, cfg.source_bucket, cfg.source_prefix)
     dest = Listing(engine, cfg.dest_bucket, cfg.dest_prefix)
     pairs: list[tuple[str, str]] = []
+    sample: list[tuple[str, str]] = []  # copies whose readers are checked: a few requests
+    pick = random.Random(0)
     checked = 0
     for item in plan(listed(src, stop), listed(dest, stop), cfg, src, dest):
         checked += 1
@@ -157,11 +163,34 @@ def check_objects(s3, db: Database, cfg: Settings, problem: Problems) -> int:
                                 f"etag {item.src.etag})", key=item.dest_key)
         else:  # rows of an object with no good copy stay on the source by design: one problem
             pairs.append((item.src.key, item.dest_key))
+            if item.kind == DONE:  # a reservoir: every copy as likely to be in the sample
+                if len(sample) < SAMPLE or pick.randrange(checked) < SAMPLE:
+                    if len(sample) >= SAMPLE:
+                        sample.pop(pick.randrange(SAMPLE))
+                    sample.append((item.src.key, item.dest_key))
         if len(pairs) >= cfg.batch_size:
             check_rows(pairs)
             pairs = []
     check_rows(pairs)
+    check_readers(s3, cfg, sample, problem)
     return checked
+
+
+def check_readers(s3, cfg: Settings, sample: list[tuple[str, str]], problem: Problems) -> None:
+    """Copies as readable as their sources (S3 copies no ACL), on a sample."""
+    try:
+        found = less_readable(s3, cfg, sample)
+    except ClientError as exc:
+        problem("ACL-UNCHECKED", f"cannot read object ACLs ({exc.response['Error']['Code']}): "
+                                 "grant s3:GetObjectAcl on both buckets to have copies' readers "
+                                 "checked")
+        return
+    for src_key, src_acl, dest_key, dest_acl in found:
+        problem("LESS-READABLE", f"{dest_key} is {dest_acl} but its source {src_key} is "
+                                 f"{src_acl}: who reads the source cannot read the copy; set it "
+                                 f"(aws s3api put-object-acl --acl {src_acl}) on the copies, or "
+                                 "add a bucket policy (docs/s3-access-encryption.md)",
+                key=dest_key)
 
 
 def missing(s3, bucket: str, prefix: str, keys):
