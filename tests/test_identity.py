@@ -128,7 +128,7 @@ def test_sse_c_sources_are_their_own_kind(engine, cli, db, endpoint):
         env = {"AWS_ENDPOINT_URL": proxy.url}
         dry = cli("--engine", engine, "--dry-run", "--json", env=env)
         s = summary(dry.out)
-        assert dry.code == 0 and (s["sse_c"], s["copied"]) == (2, 4), dry.out + dry.err
+        assert dry.code == 0 and (s["sse_c"], s["would_copy"]) == (2, 4), dry.out + dry.err
         assert proxy.seen["CopyObject"] == 0
 
         p = cli("--engine", engine, "--json", "--max-attempts", "3", env=env)
