@@ -1,28 +1,29 @@
-"""Pacing: how many copies are in flight, and how many requests per second go out.
+"""Pacing: how many copies are in flight, how many requests per second go out,
+and the one path every request takes.
 
-Two controls, both adapting to what S3 answers:
-
+- RequestPath: the token, the time a request left, one attempt through an
+  engine (or a boto3 call), what came back told to the pacer, the retry policy.
 - Window: the number of copies in flight, additive increase and
   multiplicative decrease as TCP does. It starts small and doubles per round
   trip (slow start) while throughput keeps growing, then grows by one per
-  round trip. A 503 SlowDown halves it; a sharp rise in latency (the server
-  slowing down) cuts it by a fifth. Latency that is merely high does not hold
-  it: S3's latency varies from request to request, and a server kept busy
-  (SeaweedFS here) spends less CPU per copy with more in flight. --workers is
-  its ceiling.
+  round trip; a sharp rise in latency (the server slowing down) cuts it by a
+  fifth. Latency that is merely high does not hold it: S3's latency varies
+  from request to request, and a server kept busy (SeaweedFS here) spends
+  less CPU per copy with more in flight. --workers is its ceiling. SlowDown
+  does not touch it: the pacer's rate holds the requests back instead.
 - Pacer: a token bucket over every request the run sends (copies, listings,
-  HEADs, deletes). --max-rate caps it; a SlowDown lowers the rate for the
-  whole run to what S3 accepted in the last second, instead of only retrying
-  the one request; a request refused although sent at that new rate cuts it
-  again by a fifth. The rate then grows back, slowly past where S3 said no,
-  faster the longer nothing more is refused.
+  HEADs, deletes), capped by --max-rate, whose rate follows the evidence of
+  S3's answers: refusals that come whatever the rate are retried and keep the
+  pace; refusals that grow with the rate are a limit, found and kept just
+  under (see Pacer).
 
-Both are driven by the clock passed in, so tests run them against a fake
+All are driven by the clock passed in, so tests run them against a fake
 server in simulated time.
 """
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -121,9 +122,10 @@ class RequestPath:
     def observe(self, sent_at: float, code: str, status: int | None) -> None:
         """An answer to a request that left at sent_at ("" code: accepted)."""
         if code in THROTTLE_CODES or status == 503:
-            self.pacer.throttled(sent_at)
+            self.pacer.answered(sent_at, refused=True)
         elif not code or status is not None:
-            self.pacer.accepted()  # answered, and not "slow down": says "not over the limit"
+            # answered, and not "slow down" (a 500 included): not over any limit
+            self.pacer.answered(sent_at, refused=False)
         # else no answer at all (a dropped connection): says nothing about the rate
 
     def start(self, send: Callable[[Callable[[Any, BaseException | None], None]], None],
@@ -201,8 +203,8 @@ class PacedClient:
 
 
 class Window:
-    """The adaptive number of copies in flight. Used by the coordinating thread;
-    throttled() may also come from boto3's threads, hence the lock."""
+    """The adaptive number of copies in flight. Used by the coordinating thread
+    (the lock keeps it safe to read from others)."""
 
     SLOW_START_EXIT_GAIN = 1.10  # leave slow start when a doubling bought less than 10%
     LATENCY_RISE = 2.0           # short-term latency over long-term that means "slowing down"
@@ -219,8 +221,7 @@ class Window:
         self.srtt: float | None = None  # short-term smoothed latency
         self.lrtt: float | None = None  # long-term smoothed latency
         self.last_cut = float("-inf")
-        self.throttles = 0
-        self.cuts = {"slowdown": 0, "latency": 0}
+        self.cuts = {"latency": 0}
         self.peak = int(self.limit)
         self._lock = threading.Lock()
         self._epoch_start = clock()
@@ -256,19 +257,13 @@ class Window:
             self.limit = min(self.limit, float(self.ceiling))
             self.peak = max(self.peak, self.size)
 
-    def throttled(self, rate: float | None = None) -> None:
-        """S3 answered SlowDown: halve, at most once per round trip; but keep what
-        the pacer's new `rate` needs in flight at the current latency (Little's
-        law), or the two cuts together would send well under the rate S3 takes."""
-        with self._lock:
-            self.throttles += 1
-            now = self.clock()
-            if now - self.last_cut > (self.srtt or 0.05):
-                self._cut(0.5, now)
-                if rate is not None and self.srtt is not None:
-                    self.limit = min(max(self.limit, rate * self.srtt * 1.25), self.limit * 2)
-                    self.ssthresh = self.limit
-                self.cuts["slowdown"] += 1
+    def at_least(self, size: float) -> None:
+        """What a rate the pacer holds needs in flight (Little's law): the window never
+        holds the run under the pacer's rate."""
+        if size > self.limit:
+            with self._lock:
+                self.limit = min(float(self.ceiling), max(self.limit, size))
+                self.peak = max(self.peak, self.size)
 
     def _cut(self, factor: float, now: float) -> None:
         self.limit = max(float(self.floor), self.limit * factor)
@@ -296,36 +291,76 @@ class Window:
 
 
 class Pacer:
-    """A token bucket over every request, plus the run's request counters.
+    """A token bucket over every request, its rate set by the evidence of S3's answers.
 
-    acquire() is called from any thread right before a request goes out;
-    it blocks while the bucket is empty.
+    acquire() is called from any thread right before a request goes out; it
+    blocks while the bucket is empty. answered() is told every answer: when its
+    request left and whether S3 said slow down.
+
+    Answers are judged in batches (BATCH_MIN answers and BATCH_S seconds or
+    more), each of requests sent since the rate last changed, so a batch speaks
+    of the current rate. A batch refuses in excess when it holds clearly more
+    SlowDowns than the background share predicts (three standard deviations).
+
+    - Excess: the rate drops to just under what S3 accepted since the batch's
+      first refusal (the limit, if there is one), and the next batch checks.
+    - The check, sent at the lower rate: if the refused share fell (or the
+      accepted share rose) with the rate, it was a limit: stay just under it,
+      and probe upward (S3 raises a prefix's limit under load). If it did not,
+      the refusals come whatever the rate: background, retried by the run; the
+      rate goes back to where it was and the background share learns them.
+    - Batches without excess teach the background share.
+
+    500s and dropped connections are not refusals: they never lower the rate.
     """
 
-    RECOVERY_PER_S = 0.10  # after a cut, the rate grows back by 10% a second...
-    PROBE_PER_S = 0.02     # ...and by 2% once near the rate S3 last refused,
-    PROBE_DOUBLING_S = 1.0  # a step that doubles every second nothing is refused,
-    PROBE_MAX_PER_S = 0.10  # up to 10% a second
-    AGAIN_AFTER_S = 0.25   # a request sent this long after a cut and refused: cut again
+    BATCH_MIN = 40        # answers in a batch...
+    BATCH_S = 0.1         # ...over at least this long
+    BATCH_MAX_S = 1.0     # a slow run's batch ends here with BATCH_FEW answers
+    BATCH_FEW = 8
+    PROBE_BATCH_MAX = 4000  # answers a probe's batch holds at most
+    CHECK_MIN = 100       # answers, and seconds, a check takes at least before it says
+    CHECK_MIN_S = 0.25    # "background" or "a limit" (it may say "still over" sooner)
+    CHECK_MAX = 400       # answers a check takes at most before it decides
+    BACKGROUND_MAX = 0.5  # a larger refused share is never background
+    Z = 4.5               # standard deviations over the background that are excess...
+    Z_PROBING = 2.0       # ...and past a limit found
+    UNDER = 0.97          # how far under the limit found the rate stays
+    ROSE = 1.3            # an accepted share this much above before: it did rise
+    MEMORY = 0.97         # per batch, how much of the background share's evidence stays
+    PROBE_START = 0.04    # past the limit found, the rate grows 4% a second at first,
+    PROBE_DOUBLING_S = 0.5  # the step doubling every half second nothing is refused,
+    PROBE_NEAR_MAX = 0.16   # up to 16% a second near the limit found,
+    STALE = 1.10            # and, this far past it with nothing refused (it moved),
+    PROBE_FAR_MAX = 1.00    # up to 100% a second
 
     def __init__(self, max_rate: float | None = None, burst: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
         self.max_rate = max_rate
-        self.rate = max_rate  # None: no limit until S3 says slow down
+        self.rate = max_rate  # None: no limit until S3 shows one
         self.burst = burst
         self.clock, self.sleep = clock, sleep
         self.sent = 0
-        self.throttles = 0
+        self.throttles = 0  # SlowDown answers, every one
+        self.limit: float | None = None  # the highest rate S3 took, once a limit is found
+        self.cuts = 0  # times the rate was lowered for a limit
         self._lock = threading.Lock()
-        self._next = clock()
-        self._last_cut = float("-inf")
+        self._next = self._started = clock()
         self._last_grow = clock()
-        self._ok: deque[float] = deque()  # times of accepted requests, last second
-        self._refused_at: float | None = None  # the rate at which S3 last said slow down
-        self._probing_since: float | None = None
-        # e.g. the Window's throttled(), given the new rate
-        self.on_throttle: list[Callable[[float | None], None]] = []
+        self._probing_since = clock()
+        self._since = float("-inf")  # the batch holds requests sent from here on
+        self._batch: list[tuple[float, bool]] = []  # (sent at, refused)
+        self._batch_start = clock()
+        self._batch_refused = self._judged = 0
+        self._check: tuple[float | None, float, int] | None = None  # rate, share, answers
+        self._bg_n = self._bg_k = 0.0  # the background's evidence: answers, refusals
+        self._accepted: deque[float] = deque()  # answer times of the last second's acceptances
+
+    @property
+    def background(self) -> float:
+        """The share of requests S3 refuses whatever the rate (0..1)."""
+        return self._bg_k / self._bg_n if self._bg_n >= 1 else 0.0
 
     def acquire(self) -> None:
         with self._lock:
@@ -335,77 +370,159 @@ class Pacer:
             now = self.clock()
             self._grow(now)
             interval = 1.0 / self.rate
-            burst = self.burst if self.burst is not None else max(1.0, self.rate / 10)
+            # a fortieth of a second of tokens: S3 may keep no more than a tenth of a second
+            burst = self.burst if self.burst is not None else max(1.0, self.rate / 40)
             self._next = max(self._next, now - (burst - 1) * interval)
             wait = self._next - now
             self._next += interval
         if wait > 0:
             self.sleep(wait)
 
-    def accepted(self) -> None:
-        """A request S3 answered without throttling."""
+    def answered(self, sent_at: float, refused: bool) -> None:
+        """An answer from S3 to a request that left at sent_at; refused: SlowDown."""
         with self._lock:
             now = self.clock()
-            self._ok.append(now)
-            while self._ok and self._ok[0] < now - 1.0:
-                self._ok.popleft()
+            if refused:
+                self.throttles += 1
+            else:
+                self._accepted.append(now)
+                while self._accepted[0] < now - 1.0:
+                    self._accepted.popleft()
+            if sent_at < self._since:
+                return  # sent at an earlier rate: says nothing of this one
+            self._batch.append((sent_at, refused))
+            self._batch_refused += refused
+            fresh = len(self._batch) - self._judged
+            if fresh >= self.BATCH_MIN or (now - self._batch_start >= self.BATCH_MAX_S
+                                           and fresh >= self.BATCH_FEW):
+                self._judge(now)
 
-    def throttled(self, sent_at: float | None = None) -> None:
-        """SlowDown: from now on, send no faster than S3 accepted in the last second.
+    def _new_batch(self, now: float, rate_changed: bool) -> None:
+        self._batch = []
+        self._batch_refused = self._judged = 0
+        self._batch_start = now
+        if rate_changed:
+            self._since = now
+            self._last_grow = self._probing_since = now
 
-        `sent_at`, when the caller knows it, is when the refused request left."""
-        with self._lock:
-            self.throttles += 1
-            now = self.clock()
-            since = now - self._last_cut
-            # Refused although sent at the rate of the last cut: that rate is still
-            # too high. Right after the start it is, as S3 lets a burst through and
-            # the first second's count includes it.
-            if (sent_at is not None and sent_at >= self._last_cut + self.AGAIN_AFTER_S
-                    and self.AGAIN_AFTER_S <= since < 1.0 and self.rate is not None):
-                was = self.rate
-                self.rate = max(1.0, 0.8 * was)
-                self._refused_at = was
-                self._last_cut = self._last_grow = now
-                self._probing_since = None
-                log.debug("SlowDown at the new rate: rate %.0f/s -> %.0f/s", was, self.rate)
-            # one cut per second: the answers to one burst arrive together
-            elif since >= 1.0:
-                while self._ok and self._ok[0] < now - 1.0:
-                    self._ok.popleft()
-                accepted = max(1.0, float(len(self._ok)))
-                was = self.rate
-                current = was if was is not None else accepted
-                # Never below 70% at once: right after a pause little was accepted.
-                self.rate = max(1.0, 0.7 * current, 0.9 * min(current, accepted))
-                self._refused_at = current
-                if self._ok:  # as if the last second's requests had been sent at the new rate
-                    self._next = max(self._next, self._ok[0] + len(self._ok) / self.rate)
-                self._last_cut = self._last_grow = now
-                self._probing_since = None
-                log.debug("SlowDown: %d accepted in the last second; rate %s -> %.0f/s",
-                          len(self._ok), f"{was:.0f}/s" if was else "unlimited",
-                          self.rate)
-        for listener in self.on_throttle:
-            listener(self.rate)
+    def _judge(self, now: float) -> None:
+        batch = self._batch
+        n = len(batch)
+        k = self._batch_refused
+        p = self.background
+        expected = p * n
+        probing = self.limit is not None and self.rate is not None and self.rate > self.limit
+        # Past a limit found, a few refusals more than the background are the limit's;
+        # anywhere else it takes more to tell them from chance.
+        z = self.Z_PROBING if probing else self.Z
+        excess = k > expected + z * math.sqrt(expected * (1 - p) + 1) + (0 if probing else 1)
+        share = k / n
+        check = self._check
+        if check is not None:
+            before_rate, before_share, before_n = check
+            spread = math.sqrt(before_share * (1 - before_share) * (1 / n + 1 / before_n))
+            rose = 1 - share > self.ROSE * (1 - before_share)
+            # A short check says only "still over": a deep bucket of S3's can hide a limit
+            # for a moment.
+            long_enough = n >= self.CHECK_MIN and now - self._batch_start >= self.CHECK_MIN_S
+            # Still refused in excess, as much as before (neither less nor more: more at a
+            # lower rate is a limit a bucket hid before): background. More than half refused
+            # is a limit whatever: a background that large is a server down.
+            same = (excess and long_enough and not rose
+                    and abs(share - before_share) <= 2 * spread
+                    and before_share <= self.BACKGROUND_MAX)
+            differs = rose or abs(share - before_share) > 2 * spread
+            if not same and not (excess and differs) and not (long_enough and not excess):
+                if n < self.CHECK_MAX and now - self._batch_start < 1.0:
+                    self._judged = n  # not clear yet: the check goes on at this rate
+                    return
+            self._check = None
+            if same:
+                # The share did not fall with the rate: background. Back to the rate of
+                # before the cut; the background share learns from the check.
+                self._bg_n, self._bg_k = self._bg_n * self.MEMORY + n, self._bg_k * self.MEMORY + k
+                was, self.rate = self.rate, before_rate
+                log.debug("SlowDown at %.1f%% whatever the rate: background; rate %s -> %s",
+                          100 * share, fmt_rate(was), fmt_rate(self.rate))
+                self._new_batch(now, rate_changed=True)
+                return
+            if not excess:
+                # No more than the background now: a limit, just above this rate.
+                self.limit = self.rate / self.UNDER if self.rate else None
+                log.debug("limit found near %s (%d of %d refused, %.0f%% before)",
+                          fmt_rate(self.limit), k, n, 100 * before_share)
+                self._new_batch(now, rate_changed=False)
+                return
+            # fell, but still in excess: still over; cut again below
+        if not excess:
+            if now - self._batch_start < self.BATCH_S or (probing and n < self.PROBE_BATCH_MAX):
+                # Too short to say "no excess" yet (an excess is said at once: at 10 ms
+                # a round trip, a tenth of a second of a run's start is hundreds of
+                # refusals). A probe past the limit found goes on too (a few answers
+                # say little at a low rate), and its refusals are not background.
+                self._judged = n
+                return
+            if self.limit is None:  # past a limit, what is refused may be the limit's
+                self._bg_n = self._bg_n * self.MEMORY + n
+                self._bg_k = self._bg_k * self.MEMORY + k
+            self._new_batch(now, rate_changed=False)
+            return
+        # Excess: cut to just under what S3 accepted since the first refusal.
+        # (sent at the same moment as the first refusal but accepted: S3's burst, not its
+        # rate; on a real clock there are no ties)
+        # Only the last quarter second: a probe's batch runs for seconds, its rate rising.
+        last = max(sent for sent, _ in batch)
+        first = min((sent for sent, refused in batch if refused and sent >= last - 0.25),
+                    default=None)
+        if first is None:
+            first = min(sent for sent, refused in batch if refused)
+        after = [(sent, refused) for sent, refused in batch
+                 if sent > first or (refused and sent == first)]
+        accepted_after = sum(1 for _, refused in after if not refused)
+        span = last - first
+        # what S3 accepted in the last second (or since the run's first answer)
+        lately = len(self._accepted) / max(0.05, min(1.0, now - self._started))
+        took = accepted_after / max(span, 0.02)
+        recent = [sent for sent, _ in batch if sent >= last - 0.25]
+        recent_span = last - min(recent)
+        sending = len(recent) / recent_span if recent_span >= 0.02 else None
+        if span < 0.05:  # too short to count what S3 takes: at most halve the rate sent
+            took = max(took, 0.5 * (sending or lately))
+        target = max(1.0, self.UNDER * took / max(0.05, 1 - p))
+        current = self.rate if self.rate is not None else (sending or target / self.UNDER)
+        was = self.rate
+        self.rate = min(current, target)
+        if self.max_rate is not None:
+            self.rate = min(self.rate, self.max_rate)
+        refused_after = len(after) - accepted_after
+        # a background found by a later check restores the rate of before the first cut
+        origin = was if check is None else check[0]
+        self._check = (origin, refused_after / len(after), len(after))
+        self.cuts += 1
+        log.debug("SlowDown: %d of %d refused; S3 took %.0f/s; rate %s -> %s", k, n, took,
+                  fmt_rate(was), fmt_rate(self.rate))
+        if self.rate is not None:
+            # as if the requests since the first refusal had been sent at the new rate
+            self._next = max(self._next, now)
+        self._new_batch(now, rate_changed=True)
 
     def _grow(self, now: float) -> None:
-        if self.rate is None or now - self._last_grow < 0.1:
+        if now - self._last_grow < 0.05:
             return
-        # Quickly back to where S3 refused, then slowly past it, as a burst of
-        # refusals is the price of each probe over the limit. But S3 raises a
-        # prefix's limit under sustained load, and a first cut made while the
-        # window was still growing comes in low: the longer nothing is refused,
-        # the less that old limit says, so the probe's step doubles every second.
-        near = self._refused_at is not None and self.rate >= 0.95 * self._refused_at
-        if not near:
-            per_s = self.RECOVERY_PER_S
-        else:
-            if self._probing_since is None:
-                self._probing_since = now
-            per_s = min(self.PROBE_MAX_PER_S, self.PROBE_PER_S * 2 ** (
-                (now - self._probing_since) / self.PROBE_DOUBLING_S))
+        if self.rate is None or self._check is not None or self.limit is None:
+            self._last_grow = self._probing_since = now  # the probe starts after the check
+            return
+        cap = self.PROBE_NEAR_MAX if self.rate < self.STALE * self.limit else self.PROBE_FAR_MAX
+        per_s = min(cap, self.PROBE_START * 2 ** (
+            (now - self._probing_since) / self.PROBE_DOUBLING_S))
         self.rate += self.rate * per_s * (now - self._last_grow)
+        # A rate not used says nothing: no more than a quarter over what S3 took lately
+        # (or its token bucket, always full, lets the run's own bursts through).
+        self.rate = min(self.rate, max(self.limit, 1.25 * len(self._accepted)))
         self._last_grow = now
         if self.max_rate is not None:
             self.rate = min(self.rate, self.max_rate)
+
+
+def fmt_rate(rate: float | None) -> str:
+    return "unlimited" if rate is None else f"{rate:.0f}/s"

@@ -29,7 +29,7 @@ from .deleting import Deleter, source_versioning, versioning_warning
 from .journal import ensure_journal
 from .lock import take as take_lock
 from .listing import Listing, Obj, check_manifest, listed, read_manifest
-from .pacing import Answer, PacedClient, RequestPath, Window
+from .pacing import Answer, PacedClient, RequestPath, Window, fmt_rate
 from .incurable import ARCHIVED_CODES, Streak
 from .access import decide as decide_access
 from .identity import sse_c_refused
@@ -92,7 +92,6 @@ class Migration:
         self.inflight = 0
         # --workers is the ceiling; how many copies are in flight adapts below it.
         self.window = Window(ceiling=cfg.workers, clock=self.clock)
-        self.path.pacer.on_throttle.append(self.window.throttled)
         self.retries: list[tuple[float, int, Item]] = []  # (due, seq, item), a heap
         self.retry_seq = 0
         self.batch: list[Item] = []
@@ -199,6 +198,9 @@ class Migration:
             latency = self.clock() - item.sent_at
         if item.action and item.action != FAILED:
             self.window.succeeded(latency)
+            rate = self.path.pacer.rate
+            if rate is not None:
+                self.window.at_least(1.5 * rate * self.window.srtt)
         self.judge(item)
         if item.kind == CONFLICT:
             item.action = CONFLICT
@@ -479,10 +481,12 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
             gc.set_threshold(*thresholds)
         stats.window_peak = migration.window.peak
         w = migration.window
-        log.debug("copies in flight: peak %d, last %d; cut %d times on SlowDown, %d on latency "
-                  "(%.0f ms now, %.0f ms long-term); %d row batches took %.2f s",
-                  w.peak, w.size, w.cuts["slowdown"], w.cuts["latency"], (w.srtt or 0) * 1000,
-                  (w.lrtt or 0) * 1000, migration.flushes, migration.flush_s)
+        log.debug("copies in flight: peak %d, last %d; cut %d times on latency (%.0f ms now, "
+                  "%.0f ms long-term); rate %s, cut %d times for a limit (%s), background "
+                  "refusals %.2f%%; %d row batches took %.2f s", w.peak, w.size,
+                  w.cuts["latency"], (w.srtt or 0) * 1000, (w.lrtt or 0) * 1000,
+                  fmt_rate(pacer.rate), pacer.cuts, fmt_rate(pacer.limit),
+                  100 * pacer.background, migration.flushes, migration.flush_s)
         interrupted = stop.is_set()
         if not interrupted:
             stats.rows_left_under_source, stats.rows_outside = db.table_counts()
