@@ -323,6 +323,7 @@ class Pacer:
     CHECK_MIN_S = 0.25    # "background" or "a limit" (it may say "still over" sooner)
     CHECK_MAX = 400       # answers a check takes at most before it decides
     BACKGROUND_MAX = 0.5  # a larger refused share is never background
+    DEEP_CUT = 0.85       # a cut to this share of the rate or less can tell them apart
     Z = 4.5               # standard deviations over the background that are excess...
     Z_PROBING = 2.0       # ...and past a limit found
     UNDER = 0.97          # how far under the limit found the rate stays
@@ -330,6 +331,7 @@ class Pacer:
     MEMORY = 0.97         # per batch, how much of the background share's evidence stays
     PROBE_START = 0.04    # past the limit found, the rate grows 4% a second at first,
     PROBE_DOUBLING_S = 0.5  # the step doubling every half second nothing is refused,
+    PROBE_QUICK_S = 1.0     # (or as if a second had passed, after a deep cut)
     PROBE_NEAR_MAX = 0.16   # up to 16% a second near the limit found,
     STALE = 1.10            # and, this far past it with nothing refused (it moved),
     PROBE_FAR_MAX = 1.00    # up to 100% a second
@@ -349,11 +351,14 @@ class Pacer:
         self._next = self._started = clock()
         self._last_grow = clock()
         self._probing_since = clock()
+        self._quick = False
         self._since = float("-inf")  # the batch holds requests sent from here on
         self._batch: list[tuple[float, bool]] = []  # (sent at, refused)
         self._batch_start = clock()
         self._batch_refused = self._judged = 0
-        self._check: tuple[float | None, float, int] | None = None  # rate, share, answers
+        # before a cut: the rate, the share refused, answers, refusals, when the probe began,
+        # whether the cut was deep enough to tell background from a limit
+        self._check: tuple[float | None, float, int, int, float, bool] | None = None
         self._bg_n = self._bg_k = 0.0  # the background's evidence: answers, refusals
         self._accepted: deque[float] = deque()  # answer times of the last second's acceptances
 
@@ -393,8 +398,11 @@ class Pacer:
             self._batch.append((sent_at, refused))
             self._batch_refused += refused
             fresh = len(self._batch) - self._judged
-            if fresh >= self.BATCH_MIN or (now - self._batch_start >= self.BATCH_MAX_S
-                                           and fresh >= self.BATCH_FEW):
+            if (fresh >= self.BATCH_MIN
+                    or (now - self._batch_start >= self.BATCH_MAX_S and fresh >= self.BATCH_FEW)
+                    # an excess is said at once, before the next requests go out
+                    or (refused and self._check is None
+                        and self._excess(len(self._batch), self._batch_refused))):
                 self._judge(now)
 
     def _new_batch(self, now: float, rate_changed: bool) -> None:
@@ -405,30 +413,41 @@ class Pacer:
             self._since = now
             self._last_grow = self._probing_since = now
 
+    def _probing(self) -> bool:
+        return self.limit is not None and self.rate is not None and self.rate > self.limit
+
+    def _excess(self, n: int, k: int) -> bool:
+        """k refused of n: clearly more than the background share says? Past a limit
+        found, a few more are the limit's; anywhere else it takes more to tell them
+        from chance."""
+        p = self.background
+        expected = p * n
+        if self._probing():
+            return k > expected + self.Z_PROBING * math.sqrt(expected * (1 - p) + 1)
+        if n < self.BATCH_MIN and 2 * k < n:
+            return False  # a few answers (a run's first round trips) say little
+        return k > expected + self.Z * math.sqrt(expected * (1 - p) + 1) + 1
+
     def _judge(self, now: float) -> None:
         batch = self._batch
         n = len(batch)
         k = self._batch_refused
-        p = self.background
-        expected = p * n
-        probing = self.limit is not None and self.rate is not None and self.rate > self.limit
-        # Past a limit found, a few refusals more than the background are the limit's;
-        # anywhere else it takes more to tell them from chance.
-        z = self.Z_PROBING if probing else self.Z
-        excess = k > expected + z * math.sqrt(expected * (1 - p) + 1) + (0 if probing else 1)
+        probing = self._probing()
+        excess = self._excess(n, k)
         share = k / n
         check = self._check
         if check is not None:
-            before_rate, before_share, before_n = check
+            before_rate, before_share, before_n, before_k, probing_since, deep = check
             spread = math.sqrt(before_share * (1 - before_share) * (1 / n + 1 / before_n))
             rose = 1 - share > self.ROSE * (1 - before_share)
             # A short check says only "still over": a deep bucket of S3's can hide a limit
             # for a moment.
             long_enough = n >= self.CHECK_MIN and now - self._batch_start >= self.CHECK_MIN_S
-            # Still refused in excess, as much as before (neither less nor more: more at a
-            # lower rate is a limit a bucket hid before): background. More than half refused
+            # Still refused, as much as before (neither less nor more: more at a lower
+            # rate is a limit a bucket hid before): background. More than half refused
             # is a limit whatever: a background that large is a server down.
-            same = (excess and long_enough and not rose
+            # (and only after a cut deep enough, or a count large enough, to tell)
+            same = ((excess or k >= 3) and long_enough and not rose and deep
                     and abs(share - before_share) <= 2 * spread
                     and before_share <= self.BACKGROUND_MAX)
             differs = rose or abs(share - before_share) > 2 * spread
@@ -439,12 +458,15 @@ class Pacer:
             self._check = None
             if same:
                 # The share did not fall with the rate: background. Back to the rate of
-                # before the cut; the background share learns from the check.
-                self._bg_n, self._bg_k = self._bg_n * self.MEMORY + n, self._bg_k * self.MEMORY + k
+                # before the cut, the probe where it was; the background share learns
+                # from both batches.
+                self._bg_n = self._bg_n * self.MEMORY + n + before_n
+                self._bg_k = self._bg_k * self.MEMORY + k + before_k
                 was, self.rate = self.rate, before_rate
                 log.debug("SlowDown at %.1f%% whatever the rate: background; rate %s -> %s",
                           100 * share, fmt_rate(was), fmt_rate(self.rate))
                 self._new_batch(now, rate_changed=True)
+                self._probing_since = probing_since
                 return
             if not excess:
                 # No more than the background now: a limit, just above this rate.
@@ -452,6 +474,10 @@ class Pacer:
                 log.debug("limit found near %s (%d of %d refused, %.0f%% before)",
                           fmt_rate(self.limit), k, n, 100 * before_share)
                 self._new_batch(now, rate_changed=False)
+                if before_rate is None or before_rate > 2 * self.rate:
+                    # after a deep cut, this is only a floor: the probe starts quick
+                    self._probing_since = now - self.PROBE_QUICK_S
+                    self._quick = True
                 return
             # fell, but still in excess: still over; cut again below
         if not excess:
@@ -462,7 +488,9 @@ class Pacer:
                 # say little at a low rate), and its refusals are not background.
                 self._judged = n
                 return
-            if self.limit is None:  # past a limit, what is refused may be the limit's
+            if self.limit is None or (self.rate is not None
+                                      and self.rate <= self.UNDER * self.limit):
+                # under no limit, or under the one found: what is refused is background
                 self._bg_n = self._bg_n * self.MEMORY + n
                 self._bg_k = self._bg_k * self.MEMORY + k
             self._new_batch(now, rate_changed=False)
@@ -486,9 +514,13 @@ class Pacer:
         recent = [sent for sent, _ in batch if sent >= last - 0.25]
         recent_span = last - min(recent)
         sending = len(recent) / recent_span if recent_span >= 0.02 else None
-        if span < 0.05:  # too short to count what S3 takes: at most halve the rate sent
-            took = max(took, 0.5 * (sending or lately))
-        target = max(1.0, self.UNDER * took / max(0.05, 1 - p))
+        if span < 0.05 or len(after) < self.BATCH_FEW:
+            # Too short to count what S3 takes (its bucket ran dry just now): halve the
+            # rate sent, or, for a probe past the limit found, halve the way back to it.
+            rate_sent = sending or lately
+            took = max(took, math.sqrt(self.limit * rate_sent) if probing and rate_sent > self.limit
+                       else 0.5 * rate_sent)
+        target = max(1.0, self.UNDER * took / max(0.05, 1 - self.background))
         current = self.rate if self.rate is not None else (sending or target / self.UNDER)
         was = self.rate
         self.rate = min(current, target)
@@ -496,8 +528,13 @@ class Pacer:
             self.rate = min(self.rate, self.max_rate)
         refused_after = len(after) - accepted_after
         # a background found by a later check restores the rate of before the first cut
-        origin = was if check is None else check[0]
-        self._check = (origin, refused_after / len(after), len(after))
+        origin = (was, self._probing_since) if check is None else (check[0], check[4])
+        # A check can tell background from a limit only after a deep cut, from a share
+        # counted over a span long enough (a bucket just run dry refuses few at first).
+        deep = ((self.rate <= self.DEEP_CUT * current and span >= 0.05
+                 and len(after) >= self.BATCH_FEW) or len(after) >= self.CHECK_MIN)
+        self._check = (origin[0], refused_after / len(after), len(after), refused_after,
+                       origin[1], deep)
         self.cuts += 1
         log.debug("SlowDown: %d of %d refused; S3 took %.0f/s; rate %s -> %s", k, n, took,
                   fmt_rate(was), fmt_rate(self.rate))
@@ -510,15 +547,18 @@ class Pacer:
         if now - self._last_grow < 0.05:
             return
         if self.rate is None or self._check is not None or self.limit is None:
-            self._last_grow = self._probing_since = now  # the probe starts after the check
+            self._last_grow = now  # the probe starts after the check
+            if not self._quick:
+                self._probing_since = now
             return
+        self._quick = False
         cap = self.PROBE_NEAR_MAX if self.rate < self.STALE * self.limit else self.PROBE_FAR_MAX
         per_s = min(cap, self.PROBE_START * 2 ** (
             (now - self._probing_since) / self.PROBE_DOUBLING_S))
         self.rate += self.rate * per_s * (now - self._last_grow)
-        # A rate not used says nothing: no more than a quarter over what S3 took lately
+        # A rate not used says nothing: no more than twice what S3 took lately
         # (or its token bucket, always full, lets the run's own bursts through).
-        self.rate = min(self.rate, max(self.limit, 1.25 * len(self._accepted)))
+        self.rate = min(self.rate, max(self.limit, 2 * len(self._accepted)))
         self._last_grow = now
         if self.max_rate is not None:
             self.rate = min(self.rate, self.max_rate)
