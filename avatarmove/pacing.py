@@ -222,6 +222,8 @@ class Window:
         self.lrtt: float | None = None  # long-term smoothed latency
         self.last_cut = float("-inf")
         self.cuts = {"latency": 0}
+        self._held: float | None = None  # the size before hold()
+        self.held = 0  # times held
         self.peak = int(self.limit)
         self._lock = threading.Lock()
         self._epoch_start = clock()
@@ -239,6 +241,8 @@ class Window:
             self._observe(latency)
             now = self.clock()
             self._end_epoch(now)
+            if self._held is not None:
+                return  # a copy sent before the hold: the hold stays
             if (self.srtt > self.LATENCY_RISE * self.lrtt
                     and self.srtt - self.lrtt > self.LATENCY_RISE_MIN_S
                     and now - self.last_cut > self.srtt):
@@ -257,10 +261,26 @@ class Window:
             self.limit = min(self.limit, float(self.ceiling))
             self.peak = max(self.peak, self.size)
 
+    def hold(self) -> None:
+        """Errors a rerun cannot cure came back: as few copies in flight as can be,
+        until release(). A revoked permission answers every copy the same way: the
+        fewer sent into it, the better; a single key's refusal costs a moment."""
+        with self._lock:
+            if self._held is None:
+                self._held = self.limit
+            self.limit = float(self.floor)
+            self.held += 1
+
+    def release(self) -> None:
+        """A copy sent after the hold began succeeded: back to the size before it."""
+        with self._lock:
+            if self._held is not None:
+                self.limit, self._held = max(self.limit, self._held), None
+
     def at_least(self, size: float) -> None:
         """What a rate the pacer holds needs in flight (Little's law): the window never
         holds the run under the pacer's rate."""
-        if size > self.limit:
+        if size > self.limit and self._held is None:
             with self._lock:
                 self.limit = min(float(self.ceiling), max(self.limit, size))
                 self.peak = max(self.peak, self.size)

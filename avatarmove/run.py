@@ -30,7 +30,7 @@ from .journal import ensure_journal
 from .lock import take as take_lock
 from .listing import Listing, Obj, check_manifest, listed, read_manifest
 from .pacing import Answer, PacedClient, RequestPath, Window, fmt_rate
-from .incurable import ARCHIVED_CODES, Streak
+from .incurable import ARCHIVED_CODES, Streak, is_incurable
 from .access import decide as decide_access
 from .identity import sse_c_refused
 from .planning import (CHECK, CONFLICT, COPY, DONE, SKIP_ARCHIVED, UNCOPYABLE, Item, plan, sse_c)
@@ -98,6 +98,7 @@ class Migration:
         self.last_flush = self.clock()
         self.executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="check")
         self.streak = Streak()  # copies failing with errors a rerun cannot cure
+        self.held_after = 0  # while held: a copy sent after this one that succeeds releases
         self.flushes, self.flush_s = 0, 0.0  # batches of rows written, and the time they took
         # Writing rows blocks on the database: a thread of its own, so copies go on meanwhile.
         self.db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
@@ -220,8 +221,16 @@ class Migration:
             sse_c(item)  # the copy was refused for want of the object's own key
         elif item.action == COPIED and not self.cfg.dry_run:
             self.streak.succeeded(item.seq)
+            if item.seq > self.held_after:
+                self.window.release()
         elif item.action == FAILED:
             self.streak.failed(item.seq, item.code)
+            if is_incurable(item.code):
+                # at once, not after STOP_AFTER of them: until a copy sent after this
+                # one succeeds (as Streak counts), send as few as can be into what may
+                # be a wall
+                self.window.hold()
+                self.held_after = max(self.held_after, item.seq)
             if self.streak.full and not self.stats.stopped:
                 self.stats.stopped = self.streak.reason(self.cfg)
                 log.debug("stopping: %s; %d copies in flight", self.stats.stopped, self.inflight)

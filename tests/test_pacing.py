@@ -422,3 +422,67 @@ def test_every_kind_of_request_is_paced_observed_and_retried_in_one_place(s3):
         paced.head_object(Bucket=SOURCE, Key="image/missing.png")
     assert (pacer.sent, pacer.throttles) == (10, 6)
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=DEST)["Contents"]] == ["avatar/a.png"]
+
+
+# --------------------------------------------------------------------------- errors no rerun cures
+
+
+class RevokedS3(FakeS3):
+    """Write permission revoked after `ok` copies: every CopyObject after is answered
+    403 AccessDenied, as S3 does."""
+
+    def __init__(self, ok: int, **kw):
+        super().__init__(**kw)
+        self.ok, self.denied_at, self.sent_after = ok, None, 0
+
+    def answer(self, now: float, inflight: int) -> tuple[float, str]:
+        if self.denied_at is not None and now > self.denied_at:
+            self.sent_after += 1  # sent after the first denial came back
+        # latencies that vary, as S3's do: answers and new requests interleave
+        jitter = self.dice.uniform(0.5, 1.5)
+        if self.accepted_count >= self.ok:
+            self.requests += 1
+            return self.latency * jitter, DENIED
+        delay, fault = super().answer(now, inflight)
+        return delay * jitter, fault
+
+
+def test_a_revoked_permission_stops_the_run_with_few_requests_sent_into_it():
+    """The first AccessDenied answers hold the window at its floor: the copies in
+    flight then come back, and only a few more go out before the run stops."""
+    from avatarmove.incurable import STOP_AFTER
+    server = RevokedS3(2000, latency=0.05)
+    engine_reply = FakeEngine.start
+
+    def start(self, *args):
+        reply = args[-1]
+
+        def seen(value, failure, reply=reply):
+            if failure is not None and server.denied_at is None:
+                server.denied_at = self.clock.now
+            reply(value, failure)
+        engine_reply(self, *args[:-1], seen)
+    FakeEngine.start = start
+    try:
+        simulate(10000, 256, server)
+    finally:
+        FakeEngine.start = engine_reply
+    migration = simulate.last
+    doomed = server.requests - 2000
+    print(f"\nrevoked after 2,000: {doomed} copies denied, {server.sent_after} of them sent "
+          f"after the first denial came back; {migration.stats.listed} listed")
+    assert migration.stats.stopped and migration.stats.copied == 2000
+    assert migration.window.held > 0
+    assert server.sent_after <= 10
+    assert doomed <= 256 + 10 and doomed >= STOP_AFTER
+
+
+def test_a_few_keys_denied_cost_a_moment_not_the_pace(unrefused):
+    """1% of the keys refused for good (a key's own policy): each holds the window
+    only until a copy sent after it succeeds."""
+    server = FakeS3(latency=0.05, random=0.01, random_as=DENIED)
+    seconds, window, _, _ = simulate(20000, 256, server)
+    migration = simulate.last
+    assert migration.stats.failed == server.faults[DENIED] > 100 and not migration.stats.stopped
+    assert window.held > 100
+    assert seconds <= 1.1 * unrefused, seconds / unrefused
