@@ -544,31 +544,82 @@ def copy_answered(item: Item, answer) -> None:
                                                    answer.value)) is True
 
 
+# What a multipart copy must be told to keep: a single CopyObject copies these itself.
+CONTENT_FIELDS = ("ContentType", "CacheControl", "ContentDisposition", "ContentEncoding",
+                  "ContentLanguage", "Expires")
+# A source's checksum algorithm, from its HEAD's Checksum<ALGORITHM> field.
+CHECKSUM_ALGORITHMS = ("CRC64NVME", "CRC32C", "CRC32", "SHA256", "SHA1")
+# The CRCs can be one checksum of the whole object however it is cut into parts.
+FULL_OBJECT_ALGORITHMS = ("CRC64NVME", "CRC32C", "CRC32")
+MAX_PARTS = 10_000  # S3's limit on the parts of one upload
+
+
 def copy_multipart(s3, item: Item, cfg: Settings) -> None:
-    """Objects over 5 GiB: UploadPartCopy via s3transfer.
+    """Objects over --multipart-threshold: CreateMultipartUpload, one UploadPartCopy
+    per part (4 at a time), CompleteMultipartUpload, each through s3's RequestPath.
 
-    s3transfer does not carry the content type and user metadata over to a
-    multipart copy, so they are read once and passed explicitly.
+    A single CopyObject keeps the source's content headers, metadata, tags and
+    checksum by itself; a multipart copy keeps only what it is given, so all of it is
+    read from the source (HEAD, GetObjectTagging) and given. The tags go with the
+    upload, so the copy never exists without them. A source with a CRC checksum of
+    the whole object gets the same (ChecksumType FULL_OBJECT): the copy's checksum is
+    the source's value. SHA checksums of a multipart object are per part
+    (COMPOSITE), so the copy's value differs though its algorithm is kept. Each part
+    is read only if the source still has the ETag it had (CopySourceIfMatch). A failed
+    copy aborts its upload: no parts are left to pay for.
     """
-    from boto3.s3.transfer import TransferConfig
+    from urllib.parse import urlencode
 
-    h = head(s3, cfg.source_bucket, item.src.key)
-    if h is None:
-        raise LookupError("source object no longer exists")
-    extra = {"Metadata": h.get("Metadata", {})}
+    try:
+        h = s3.head_object(Bucket=cfg.source_bucket, Key=item.src.key, ChecksumMode="ENABLED")
+    except ClientError as exc:
+        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            raise LookupError("source object no longer exists") from None
+        raise
+    size, etag = h["ContentLength"], h.get("ETag")
+    extra: dict = {"Metadata": h.get("Metadata", {})}
+    extra.update({name: h[name] for name in CONTENT_FIELDS if h.get(name)})
     if copy_class(item.src, cfg):
         extra["StorageClass"] = copy_class(item.src, cfg)
     if cfg.copy_acl:  # S3 copies no ACL (access.py)
         extra["ACL"] = cfg.copy_acl
-    for name in ("ContentType", "CacheControl", "ContentDisposition", "ContentEncoding",
-                 "ContentLanguage"):
-        if h.get(name):
-            extra[name] = h[name]
-    s3.copy({"Bucket": cfg.source_bucket, "Key": item.src.key}, cfg.dest_bucket, item.dest_key,
-            ExtraArgs=extra,
-            Config=TransferConfig(multipart_threshold=cfg.multipart_threshold,
-                                  multipart_chunksize=cfg.multipart_chunksize,
-                                  max_concurrency=4, use_threads=True))
+    tags = s3.get_object_tagging(Bucket=cfg.source_bucket, Key=item.src.key).get("TagSet", [])
+    if tags:
+        extra["Tagging"] = urlencode([(t["Key"], t["Value"]) for t in tags])
+    algorithm = next((a for a in CHECKSUM_ALGORITHMS if h.get(f"Checksum{a}")), None)
+    whole = {}
+    if algorithm:
+        extra["ChecksumAlgorithm"] = algorithm
+        if algorithm in FULL_OBJECT_ALGORITHMS and (h.get("ChecksumType") != "COMPOSITE"
+                                                    or algorithm == "CRC64NVME"):
+            whole = {"ChecksumType": "FULL_OBJECT"}
+    upload = s3.create_multipart_upload(Bucket=cfg.dest_bucket, Key=item.dest_key, **extra,
+                                        **whole)["UploadId"]
+    chunk = max(cfg.multipart_chunksize, -(-size // MAX_PARTS))
+    source = {"Bucket": cfg.source_bucket, "Key": item.src.key}
+
+    def part(number: int) -> dict:
+        first = (number - 1) * chunk
+        answer = s3.upload_part_copy(
+            Bucket=cfg.dest_bucket, Key=item.dest_key, UploadId=upload, PartNumber=number,
+            CopySource=source, CopySourceRange=f"bytes={first}-{min(first + chunk, size) - 1}",
+            **({"CopySourceIfMatch": etag} if etag else {}))["CopyPartResult"]
+        done = {"PartNumber": number, "ETag": answer["ETag"]}
+        if algorithm and answer.get(f"Checksum{algorithm}"):
+            done[f"Checksum{algorithm}"] = answer[f"Checksum{algorithm}"]
+        return done
+    try:
+        with ThreadPoolExecutor(4, thread_name_prefix="part") as pool:
+            parts = list(pool.map(part, range(1, -(-size // chunk) + 1)))
+        s3.complete_multipart_upload(Bucket=cfg.dest_bucket, Key=item.dest_key, UploadId=upload,
+                                     MultipartUpload={"Parts": parts}, **whole)
+    except BaseException:
+        try:
+            s3.abort_multipart_upload(Bucket=cfg.dest_bucket, Key=item.dest_key, UploadId=upload)
+        except (ClientError, BotoCoreError):
+            log.warning("could not abort the multipart upload of %s (id %s): abort it to stop "
+                        "paying for its parts", item.dest_key, upload)
+        raise
 
 
 def copy_confirmed(s3, cfg: Settings, item: Item) -> bool:

@@ -281,3 +281,63 @@ def test_requester_pays_source(engine, cli, s3http, db, endpoint):
     assert proxy.refused == {("requester-pays", "HeadBucket"): 1}, proxy.refused
     assert {"HeadBucket", "ListObjects", "CopyObject", "POST"} <= set(proxy.payer_seen), \
         proxy.payer_seen
+
+
+# ---------------------------------------------------------------- multipart copies
+
+MIB = 1024 ** 2
+MULTIPART = ("--multipart-threshold", str(5 * MIB), "--multipart-chunksize", str(5 * MIB))
+
+
+def seed_large(client, db) -> dict[str, bytes]:
+    """Two 6 MiB sources (two parts each) with everything a single copy keeps: a
+    content type and other content headers, user metadata, tags, a checksum (a CRC of
+    the whole object; a SHA-256)."""
+    import os
+    bodies = {}
+    for name, algorithm in (("crc", "CRC32"), ("sha", "SHA256")):
+        key = f"image/{name}.png"
+        bodies[key] = PNG + os.urandom(6 * MIB)
+        client.put_object(Bucket=SOURCE, Key=key, Body=bodies[key], ContentType="image/png",
+                          CacheControl="max-age=60", Metadata={"owner": "u1", "v": "2"},
+                          Tagging="team=avatars&pii=no", ChecksumAlgorithm=algorithm)
+    insert_rows(db, list(bodies))
+    return bodies
+
+
+def assert_kept(client, src_key: str, dest_key: str) -> None:
+    src = client.head_object(Bucket=SOURCE, Key=src_key, ChecksumMode="ENABLED")
+    dest = client.head_object(Bucket=DEST, Key=dest_key, ChecksumMode="ENABLED")
+    assert dest["ETag"].strip('"').endswith("-2")  # made of two parts: the multipart path
+    for field in ("ContentType", "CacheControl", "Metadata", "ContentLength"):
+        assert dest.get(field) == src.get(field), field
+    tags = [client.get_object_tagging(Bucket=b, Key=k)["TagSet"]
+            for b, k in ((SOURCE, src_key), (DEST, dest_key))]
+    assert tags[1] == tags[0] and tags[0]
+    if src.get("ChecksumCRC32"):  # a CRC of the whole object: the same value
+        assert dest.get("ChecksumCRC32") == src["ChecksumCRC32"]
+        assert dest.get("ChecksumType") == "FULL_OBJECT"
+    else:  # SHA-256 of a multipart object is per part: the algorithm is kept
+        assert dest.get("ChecksumSHA256")
+
+
+def test_multipart_copies_keep_tags_metadata_and_checksums(s3, db, run, capsys):
+    bodies = seed_large(s3, db)
+    assert run(*MULTIPART) == 0
+    assert summary(capsys.readouterr().out)["copied"] == 2
+    for key, data in bodies.items():
+        dest_key = key.replace("image/", "avatar/")
+        assert_kept(s3, key, dest_key)
+        assert s3.get_object(Bucket=DEST, Key=dest_key)["Body"].read() == data
+    assert s3.list_multipart_uploads(Bucket=DEST).get("Uploads", []) == []
+
+
+@pytest.mark.slow
+def test_multipart_copy_keeps_them_with_the_crt_engine(cli, s3http, db):
+    """The CRT engine hands multipart copies to boto3: the same copy, through HTTP."""
+    bodies = seed_large(s3http, db)
+    p = cli("--engine", "crt", "--json", *MULTIPART)
+    assert p.code == 0, p.out + p.err
+    for key in bodies:
+        assert_kept(s3http, key, key.replace("image/", "avatar/"))
+    assert rows(db) == [k.replace("image/", "avatar/") for k in bodies]
