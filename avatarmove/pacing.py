@@ -382,6 +382,18 @@ class Pacer:
         self._bg_n = self._bg_k = 0.0  # the background's evidence: answers, refusals
         self._accepted: deque[float] = deque()  # answer times of the last second's acceptances
 
+    def verdict(self) -> str | None:
+        """What is slowing the run, in a user's words (None: nothing S3 said)."""
+        said = []
+        if self.limit is not None:
+            said.append(f"S3 limits this prefix near {self.limit:,.0f} requests/s")
+        if self.background >= 0.001 and self.throttles:
+            share = 100 * self.background
+            said.append(f"S3 is refusing {share:.0f}% of requests at random: retrying, pace kept"
+                        if share >= 1 else f"S3 is refusing {share:.1f}% of requests at random: "
+                        "retrying, pace kept")
+        return "; ".join(said) or None
+
     @property
     def background(self) -> float:
         """The share of requests S3 refuses whatever the rate (0..1)."""

@@ -64,6 +64,7 @@ class Stats:
     deleted: int = 0
     slowdowns: int = 0
     window_peak: int = 0
+    pacing: str | None = None  # what slowed the run, in a user's words (pacing.Pacer.verdict)
     rows_left_under_source: int | None = None
     rows_outside: int | None = None
     started: float = field(default_factory=time.monotonic)
@@ -117,6 +118,7 @@ class Summary:
     row_plan: str
     slowdowns: int = 0  # 503 SlowDown answers received, retried ones included
     window_peak: int = 0  # most copies in flight at once
+    pacing: str | None = None  # what S3's answers slowed: a limit found, random refusals
     rows_left_under_source: int | None = None
     rows_outside: int | None = None
     archived: int = 0  # archived (GLACIER, DEEP_ARCHIVE): restore first
@@ -143,6 +145,7 @@ class Summary:
                    failed=stats.failed, deleted=stats.deleted,
                    elapsed_s=round(time.monotonic() - stats.started, 3), requests=requests,
                    slowdowns=stats.slowdowns, window_peak=stats.window_peak, row_plan=row_plan,
+                   pacing=stats.pacing,
                    rows_left_under_source=stats.rows_left_under_source,
                    rows_outside=stats.rows_outside, archived=stats.archived,
                    key_too_long=stats.key_too_long, sse_c=stats.sse_c,
@@ -275,6 +278,8 @@ class Summary:
             lines.append(f"  rows this role cannot see were not rewritten: {self.hidden_rows}")
         lines.append(f"  row plan: {self.row_plan}; S3 requests: {self.requests} "
                      f"({self.slowdowns} SlowDown); copies in flight up to {self.window_peak}")
+        if self.pacing:
+            lines.append(f"  pace: {self.pacing}")
         lines.append(f"  elapsed {self.elapsed_s:.1f}s, {rate:.0f} objects/s")
         if self.stopped:
             lines.append(f"  {self.stopped}")
@@ -403,7 +408,7 @@ class Reporter:
         self.bar = None
         self.report = self.report_file = self.jsonl = None
         self.last_log = time.monotonic()
-        self.window = None  # the run's Window: the progress line shows its size
+        self.pacer = None  # the run's Pacer: the progress line says what slows the run
         self.shown: Counter = Counter()  # per-object lines logged, by action
         if cfg.report:
             self.report_file = open(cfg.report, "w", newline="", encoding="utf-8")
@@ -451,16 +456,16 @@ class Reporter:
                             "it with SSE-S3 or SSE-KMS, then rerun", item.src.key, item.dest_key,
                             item.error)
         if self.bar is not None:
-            if self.window is not None and self.bar.n % 50 == 0:
-                self.bar.set_postfix_str(f"window {self.window.size}", refresh=False)
+            if self.pacer is not None and self.bar.n % 50 == 0:
+                self.bar.set_postfix_str(self.pacer.verdict() or "", refresh=False)
             self.bar.update(1)
         elif not self.quiet and time.monotonic() - self.last_log >= 5:
             self.last_log = time.monotonic()
             elapsed = time.monotonic() - stats.started
-            log.info("progress: %d done (%d copied, %d rows rewritten, %d failed), %.0f obj/s, "
-                     "window %d", stats.finished, stats.copied, stats.rows_rewritten,
-                     stats.failed, stats.finished / elapsed if elapsed else 0,
-                     self.window.size if self.window is not None else 0)
+            said = self.pacer.verdict() if self.pacer is not None else None
+            log.info("progress: %d done (%d copied, %d rows rewritten, %d failed), %.0f obj/s%s",
+                     stats.finished, stats.copied, stats.rows_rewritten, stats.failed,
+                     stats.finished / elapsed if elapsed else 0, f"; {said}" if said else "")
 
     def changed(self, item: Item, what: str, stats: Stats) -> None:
         """--delete-source found the source replaced after its copy (deleting.py)."""

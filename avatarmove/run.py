@@ -474,7 +474,7 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
     interrupted = False
     try:
         migration = Migration(s3, engine, db, cfg, reporter, stop, stats)
-        reporter.window = migration.window
+        reporter.pacer = pacer
         # What exists now (modules, botocore's service model) lives as long as the run:
         # out of the collector's sight, a full collection no longer walks it (they took
         # about 6% of the run's CPU).
@@ -506,6 +506,7 @@ def run_migration(s3: PacedClient, cfg: Settings, quiet: bool, stop: threading.E
         reporter.close()
         db.close()
     stats.slowdowns = pacer.throttles
+    stats.pacing = pacer.verdict()
     summary = Summary.of(stats, cfg, run_id, db.plan_name, pacer.sent, interrupted)
     text = summary.to_text(cfg)
     log.debug("summary:\n%s", text)  # the log file keeps it too

@@ -486,3 +486,22 @@ def test_a_few_keys_denied_cost_a_moment_not_the_pace(unrefused):
     assert migration.stats.failed == server.faults[DENIED] > 100 and not migration.stats.stopped
     assert window.held > 100
     assert seconds <= 1.1 * unrefused, seconds / unrefused
+
+
+# --------------------------------------------------------------------------- in a user's words
+
+
+def test_the_summary_says_what_slowed_the_run_in_a_users_words():
+    from avatarmove.report import Summary
+    _, _, pacer, _ = simulate(10000, 256, FakeS3(latency=0.05, random=0.04))
+    assert pacer.verdict() == "S3 is refusing 4% of requests at random: retrying, pace kept"
+    _, _, pacer, _ = simulate(35000, 256, FakeS3(latency=0.05, rate=3500, burst=0.5))
+    said = pacer.verdict()
+    assert said and said.startswith("S3 limits this prefix near 3,") and "requests/s" in said
+    stats = simulate.last.stats
+    stats.pacing = said
+    cfg = simulate.last.cfg
+    text = Summary.of(stats, cfg, "run", "index", pacer.sent, False).to_text(cfg)
+    assert f"  pace: {said}" in text.splitlines()
+    _, _, pacer, _ = simulate(2000, 256, FakeS3(latency=0.05))
+    assert pacer.verdict() is None

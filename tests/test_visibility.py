@@ -289,11 +289,11 @@ def test_periodic_progress_log_line_without_a_tty(s3, db, dsn, capsys, monkeypat
     assert move.main(["--db", dsn, "--engine", "boto3", "--json"]) == 0
     out, err = capsys.readouterr()
     s = summary(out)
-    # the rate and the current window of copies in flight (at least 1, at most --workers)
+    # the rate, and nothing about S3's pace when it refused nothing (no internal names)
     m = re.search(r"^INFO progress: \d+ done \(\d+ copied, \d+ rows rewritten, 0 failed\), "
-                  r"\d+ obj/s, window (\d+)$", err, re.M)
+                  r"\d+ obj/s$", err, re.M)
     assert m, err
-    assert 1 <= int(m.group(1)) <= 256
+    assert "window" not in err
     assert "%|" not in err
     assert s["copied"] == 3
 
