@@ -35,7 +35,7 @@ clean:
 ## [LATENCY_MS=25] [RATE=300]: time move.py against s5cmd, rclone, aws s3 cp and
 ## the first sketch on a throwaway SeaweedFS + PostgreSQL on 127.0.0.1, straight
 ## (loopback) or through bench/netproxy.py; prints a Markdown table and writes it
-## into README.md, in the section of that network model
+## into docs/benchmarks.md, in the section of that network model
 .PHONY: bench
 N ?= 5000
 SIZES ?=

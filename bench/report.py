@@ -1,5 +1,5 @@
 """The benchmark's results: one Row per tool, rounds combined, the Markdown report,
-and its section of README.md (one section per network model, between markers)."""
+and its section of docs/benchmarks.md (one section per network model, between markers)."""
 from __future__ import annotations
 
 import statistics
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SOURCE, DEST, SRC, DST = "legacy-s3", "production-s3", "image/", "avatar/"
-# the loopback section keeps the markers it always had (tests/test_readme.py looks for them)
+# the loopback section's markers carry no model name (tests/test_readme.py looks for them)
 MARKERS = {"loopback": ("<!-- bench:start -->", "<!-- bench:end -->")}
 
 
@@ -178,9 +178,9 @@ def markdown(ctx: dict, rows: list[Row], rerun: dict | None, scale: dict | None,
     return "\n".join(out)
 
 
-def write_readme(path: Path, body: str, model: str = "loopback") -> None:
-    """Replace this model's section; a model's first section goes after the last one
-    there is, so each model keeps its own figures."""
+def write_section(path: Path, body: str, model: str = "loopback") -> None:
+    """Replace this model's section of docs/benchmarks.md; a model's first section goes
+    after the last one there is, so each model keeps its own figures."""
     start, end = markers(model)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     block = f"{start}\n{body.rstrip()}\n{end}"
@@ -194,7 +194,7 @@ def write_readme(path: Path, body: str, model: str = "loopback") -> None:
             at = max(ends)
             text = text[:at] + f"\n\n{block}" + text[at:]
         else:
-            text = text.rstrip("\n") + f"\n\n## Benchmark\n\n{block}\n"
+            text = (text.rstrip("\n") or "# Benchmarks") + f"\n\n{block}\n"
     tmp = path.with_suffix(".md.bench-tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark move.py against other ways to copy image/ to avatar/: `make bench`.
 
-    python3 bench/run.py                 # N=5000, table-scale check, README updated
+    python3 bench/run.py                 # N=5000, table-scale check, docs/benchmarks.md updated
     python3 bench/run.py -n 50000 --no-table-scale
-    python3 bench/run.py --sizes 5000,50000 --tools move --no-readme
+    python3 bench/run.py --sizes 5000,50000 --tools move --no-out
     python3 bench/run.py --network latency --latency-ms 25 -n 500 --repeat 1
     python3 bench/run.py --network ratelimit --rate 300 -n 500 --repeat 1
 
@@ -20,7 +20,7 @@ way) or ratelimit (the proxy answers 503 SlowDown above --rate requests/s).
 The proxy counts each tool's requests and the SlowDowns it answered.
 
 Progress goes to stderr, the Markdown report to stdout and (unless
---no-readme) into README.md between this network model's markers.
+--no-out) into docs/benchmarks.md between this network model's markers.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.report import Row, combine, markdown, write_readme  # noqa: E402
+from bench.report import Row, combine, markdown, write_section  # noqa: E402
 from bench.tools import (BIN, DEST, DST, MOVE, NAIVE, SOURCE, SRC, TOOLS,  # noqa: E402
                          BenchError, Network, Run, aws_binary, machine, progress, run_tool,
                          s5cmd_binary, tail, versions)
@@ -442,9 +442,9 @@ class Bench:
             sizes = self.sizes(a.sizes, main_rss) if a.sizes else []
             report = markdown(self.context(floor), rows, rerun, scale, sizes, order)
             print(report)
-            if a.readme:
-                write_readme(Path(a.readme), report, self.net.model)
-                progress(f"wrote the report into {a.readme} ({self.net.model} section)")
+            if a.out:
+                write_section(Path(a.out), report, self.net.model)
+                progress(f"wrote the report into {a.out} ({self.net.model} section)")
             return 1 if any(r.tool == "move.py" and (r.rc or not r.ok) for r in rows) else 0
         finally:
             progress("stopping the proxy, SeaweedFS and PostgreSQL")
@@ -487,9 +487,9 @@ def parse_args(argv=None):
                         "SeaweedFS's listing than in S3's byte order")
     p.add_argument("--builtin-seeder", action="store_true",
                    help="seed with boto3 here, not seed/seeder.py")
-    p.add_argument("--readme", default=str(ROOT / "README.md"),
-                   help="file whose bench markers get the report (default README.md)")
-    p.add_argument("--no-readme", dest="readme", action="store_const", const="")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
+                   help="file whose bench markers get the report (default docs/benchmarks.md)")
+    p.add_argument("--no-out", dest="out", action="store_const", const="")
     args = p.parse_args(argv)
     if args.count < 1:
         p.error("-n must be positive")

@@ -124,11 +124,32 @@ def test_files_named_exist(doc):
         assert (ROOT / p).exists() or (DEPLOY / p).exists(), f"{doc.name} names {p}: no such file"
 
 
-def test_benchmark_markers():
+def test_benchmarks_live_in_docs_not_in_the_readme():
+    """make bench rewrites docs/benchmarks.md, one marked section per network model; the
+    README only links it, so a bench run never touches the README."""
+    bench = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    sys.path.insert(0, str(ROOT))
+    from bench.report import markers
+    for model in ("loopback", "latency", "ratelimit"):
+        start, end = markers(model)
+        assert bench.count(start) == 1 and bench.count(end) == 1, model
+        assert bench.index(start) < bench.index(end)
     text = README.read_text(encoding="utf-8")
-    assert text.count("<!-- bench:start -->") == 1 and text.count("<!-- bench:end -->") == 1
-    section = text.split("## Benchmark", 1)[1].split("\n## ", 1)[0]
-    assert section.index("<!-- bench:start -->") < section.index("<!-- bench:end -->")
+    assert "<!-- bench:" not in text
+    assert "(docs/benchmarks.md)" in text
+
+
+def test_readme_is_for_users():
+    """Short, and about the tool as it is: no dates, no history of its development."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 350
+    prose = text.replace(load_updater().usage_block(text), "")
+    prose = re.sub(r"^```json\n.*?^```$", "", prose, flags=re.S | re.M)  # IAM's "Version"
+    for pattern in (r"\b20\d\d-\d\d-\d\d\b", r"\bsession\b", r"\bused to\b", r"\bFixed on\b",
+                    r"\bMeasured and left\b", r"\bissue \d+"):
+        assert not re.search(pattern, prose, re.I), pattern
+    for doc in re.findall(r"\]\(((?:docs/)?[\w./-]+\.(?:md|json))\)", text):
+        assert (ROOT / doc).is_file(), f"README links {doc}: no such file"
 
 
 def test_readme_exit_codes_match_move():
