@@ -651,7 +651,8 @@ def test_copies_denied_for_good_stop_the_run(engine, cli, db, endpoint, client, 
     assert s["stopped"] == (
         f"stopped after {STOP_AFTER} copies in a row failed with errors a rerun cannot cure "
         f"(AccessDenied {STOP_AFTER}): check the IAM policy (and the bucket policies) for "
-        f"s3:GetObject on {SOURCE}/image/* and s3:PutObject on {DEST}/avatar/*")
+        f"s3:GetObject on {SOURCE}/image/* and s3:PutObject on {DEST}/avatar/*; a Requester "
+        "Pays bucket answers so without --request-payer")
 
     # Said once, last; never "rerun to resume"; per-object lines bounded on the terminal.
     err = p.err.splitlines()
