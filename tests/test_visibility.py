@@ -375,8 +375,8 @@ def test_tty_shows_a_progress_bar(http_seed, dsn, db, tmp_path):
     assert code == 0, text
     assert "migrating" in text
     assert re.search(r"\bobj/s\]", text), text
-    assert re.search(r"100%\|", text), text  # the total arrived: a percentage
-    assert "60/60" in text
+    # no total (no second listing to count the source): the count of objects done
+    assert re.search(r"\b60obj\b", text), text
     assert "\r" in text  # redrawn in place
     # stdout and stderr share the terminal: the summary is the one line that is JSON
     printed = [line for line in re.split(r"[\r\n]+", text) if line.startswith("{")]
