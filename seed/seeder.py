@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--db", "--source-bucket", "--dest-bucket", "--source-prefix", "--table",
                  "--column"):
         p.add_argument(flag)
-    p.add_argument("--env-file", default=".env")
+    # None: .env in the current directory if there is one; a named file must exist
+    p.add_argument("--env-file", metavar="PATH")
     args = p.parse_args(argv)
     try:
         # move.py's own defaults, overridden by what the seeder was given.
