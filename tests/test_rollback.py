@@ -128,20 +128,6 @@ def test_rollback_text_says_what_it_restores_first_then_what_it_did(run, s3, db,
                          f"refused. Copies in s3://{DEST} were left in place.")
 
 
-def test_rollback_latest_picks_the_latest_run(run, s3, db, capsys):
-    put(s3, "image/a.png", PNG + b"a")
-    insert_rows(db, ["image/a.png"])
-    assert run() == 0
-    capsys.readouterr()
-    put(s3, "image/b.png", PNG + b"b")
-    insert_rows(db, ["image/b.png"])
-    assert run() == 0
-    run2 = summary(capsys.readouterr().out)["run_id"]
-    assert run("--rollback", "latest") == 0
-    assert summary(capsys.readouterr().out)["run_id"] == run2
-    assert rows(db) == ["avatar/a.png", "image/b.png"]
-
-
 def test_rollback_of_one_run_leaves_another_runs_rows_on_the_same_key(run, s3, db, capsys):
     put(s3, "image/a.png")
     insert_rows(db, ["image/a.png"])
